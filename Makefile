@@ -1,0 +1,24 @@
+# The two commands a new machine needs: `make test` and `make run`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test run clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
+
+run: $(STAMP)
+	$(BIN)/python -m experiments.run $(ARGS)
+
+clean:
+	rm -rf $(VENV) .jax_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""cnnjax: classic convolutional networks in JAX/Flax."""
