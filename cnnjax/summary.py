@@ -1,0 +1,35 @@
+"""`python -m cnnjax.summary MODEL [--size N]`: a model's per-layer arithmetic."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cnnjax.analysis import summary
+from cnnjax.registry import create_model, list_models, model_info
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m cnnjax.summary", description=__doc__)
+  parser.add_argument("model", nargs="?", help="a registered name (see --list)")
+  parser.add_argument("--list", action="store_true", help="list the registered models")
+  parser.add_argument("--size", type=int, default=None,
+                      help="square input size (default: the model's own)")
+  parser.add_argument("--num-classes", type=int, default=None)
+  args = parser.parse_args(argv)
+  if args.list or not args.model:
+    print("\n".join(list_models()))
+    return 0
+  try:
+    info = model_info(args.model)
+    model = create_model(args.model, num_classes=args.num_classes)
+    size = args.size or getattr(model, "input_size", None) or info.input_size
+    print(summary(model, (size, size, info.channels)))
+  except ValueError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
