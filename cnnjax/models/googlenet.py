@@ -106,7 +106,7 @@ class GoogLeNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False):
-    common.require_input_size(x, 17, "GoogLeNet")
+    common.require_input_size(x, 15, "GoogLeNet")
     conv = functools.partial(self.conv, kernel_init=_trunc_normal, dtype=self.dtype,
                              param_dtype=self.param_dtype)
     norm = functools.partial(self.norm, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -144,5 +144,5 @@ class GoogLeNet(nn.Module):
 
 _PAPER = "Szegedy et al. Going Deeper with Convolutions. CVPR 2015."
 
-register_model("googlenet", family="googlenet", paper=_PAPER, min_input_size=17,
+register_model("googlenet", family="googlenet", paper=_PAPER, min_input_size=15,
                reference="torchvision/googlenet_auxFalse")(functools.partial(GoogLeNet))

@@ -1,0 +1,36 @@
+"""Test-session configuration: the persistent compilation cache, shared fixtures.
+
+JAX configuration belongs to entry points, never to the package import; the
+test session is one.
+"""
+
+import json
+import os
+import pathlib
+
+import jax
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+REFERENCE_DIR = pathlib.Path(os.environ.get("CNNJAX_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+
+_CACHE = os.environ.get("CNNJAX_TEST_CACHE", str(pathlib.Path.home() / ".cache" / "cnnjax" / "jax-test-cache"))
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(scope="session")
+def reference_models() -> dict:
+  path = REFERENCE_DIR / "models.json"
+  if not path.exists():
+    pytest.fail(f"reference facts missing: {path} (set CNNJAX_REFERENCE_DIR)")
+  return json.loads(path.read_text())["models"]
+
+
+@pytest.fixture(scope="session")
+def efficientnet_reference() -> str:
+  path = REFERENCE_DIR / "efficientnet.md"
+  if not path.exists():
+    pytest.fail(f"reference facts missing: {path} (set CNNJAX_REFERENCE_DIR)")
+  return path.read_text()
