@@ -299,3 +299,18 @@ def _channels(input_shape) -> int:
 def flops(model: nn.Module, input_shape: int | Sequence[int] = 224) -> int:
   """Forward FLOPs at inference (2 per multiply-add of convolutions and matmuls)."""
   return summary(model, input_shape).flops
+
+
+def zoo_table(pattern: str = "*") -> str:
+  """Parameters and inference GFLOPs of every registered model at its own size."""
+  from cnnjax.registry import create_model, list_models, model_info
+
+  lines = [f"{'model':20s} {'family':14s} {'input':>5s} {'params':>13s} {'GFLOPs':>8s}  paper"]
+  for name in list_models(pattern):
+    info = model_info(name)
+    model = create_model(name)
+    size = getattr(model, "input_size", None) or info.input_size
+    table = summary(model, (size, size, info.channels))
+    lines.append(f"{name:20s} {info.family:14s} {size:5d} {table.total_params:13,d} "
+                 f"{table.flops / 1e9:8.3f}  {info.paper[:60]}")
+  return "\n".join(lines)
