@@ -1,0 +1,1 @@
+"""Training: state, compiled steps, optimizers, the loop."""

@@ -1,0 +1,176 @@
+"""The train state and the compiled train/eval steps.
+
+One `jax.jit` step over a `Mesh` with a `data` axis: the batch is sharded along
+it, the state replicated and donated. BatchNorm statistics are those of the
+global batch (XLA reduces across devices). The `pmap` twin computes the same
+numbers with explicit `pmean`s. Per-step randomness is `fold_in(key, step)`,
+so a restarted run draws the same dropout masks as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cnnjax.train import optim
+
+DATA_AXIS = "data"
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: optax.OptState
+  rng: jax.Array
+  ema_params: Any = None
+  ema_batch_stats: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  label_smoothing: float = 0.0
+  aux_loss_weight: float = 0.3
+  weight_decay_mode: str = "decoupled"
+  ema_decay: float = 0.0
+
+
+def create_state(model: nn.Module, tx: optax.GradientTransformation, image_shape, seed: int,
+                 ema: bool = False) -> TrainState:
+  """Initialises parameters and optimizer state (call under jit to place them)."""
+  init_key, train_key = jax.random.split(jax.random.key(seed))
+  variables = model.init({"params": init_key, "dropout": init_key},
+                         jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  params = variables["params"]
+  batch_stats = variables.get("batch_stats", {})
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+      opt_state=tx.init(params), rng=train_key,
+      ema_params=params if ema else None, ema_batch_stats=batch_stats if ema else None)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
+                  label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example softmax cross-entropy against smoothed one-hot targets."""
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def _split_outputs(outputs):
+  if isinstance(outputs, tuple):
+    return outputs[0], outputs[1:]
+  return outputs, ()
+
+
+def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.GradientTransformation,
+               config: StepConfig, schedule: Callable | None = None,
+               axis_name: str | None = None) -> tuple[TrainState, dict]:
+  """One update. With `axis_name` (pmap) gradients and metrics are averaged across it."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  images, labels = batch["image"], batch["label"]
+  weight_decay = state.opt_state.hyperparams["weight_decay"]
+
+  def loss_fn(params):
+    outputs, mutated = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
+                                   train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+    logits, aux = _split_outputs(outputs)
+    num_classes = logits.shape[-1]
+    data_loss = cross_entropy(logits, labels, num_classes, config.label_smoothing).mean()
+    loss = data_loss
+    for aux_logits in aux:
+      loss += config.aux_loss_weight * cross_entropy(aux_logits, labels, num_classes,
+                                                     config.label_smoothing).mean()
+    if config.weight_decay_mode == "coupled":
+      loss += optim.l2_penalty(params, weight_decay)
+    return loss, (logits, mutated.get("batch_stats", {}), data_loss)
+
+  (loss, (logits, batch_stats, data_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state)
+  if state.ema_params is not None:
+    decay = config.ema_decay
+    new_state = new_state.replace(
+        ema_params=optax.incremental_update(params, state.ema_params, 1.0 - decay),
+        ema_batch_stats=optax.incremental_update(batch_stats, state.ema_batch_stats, 1.0 - decay))
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+  learning_rate = opt_state.hyperparams["learning_rate"]
+  if schedule is not None:
+    learning_rate = learning_rate * schedule(state.step)
+  metrics = {"loss": loss, "data_loss": data_loss, "accuracy": accuracy,
+             "learning_rate": learning_rate}
+  if axis_name is not None:
+    metrics = jax.lax.pmean(metrics, axis_name)
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, model: nn.Module, use_ema: bool = False,
+              axis_name: str | None = None) -> dict:
+  """Sums over the real examples of a padded batch (`mask` is 0 on padding)."""
+  params = state.ema_params if use_ema else state.params
+  batch_stats = state.ema_batch_stats if use_ema else state.batch_stats
+  logits = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"], train=False)
+  labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
+  loss = cross_entropy(logits, labels, logits.shape[-1])
+  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  sums = {
+      "loss": jnp.sum(loss * mask),
+      "top1": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+      "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
+      "count": jnp.sum(mask),
+  }
+  if axis_name is not None:
+    sums = jax.lax.psum(sums, axis_name)
+  return sums
+
+
+def make_mesh(devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def jit_steps(model: nn.Module, tx: optax.GradientTransformation, config: StepConfig,
+              mesh: Mesh, schedule: Callable | None = None) -> tuple[Callable, Callable]:
+  """Train and eval steps compiled once for `mesh`: batch sharded, state replicated, donated."""
+  replicated = NamedSharding(mesh, P())
+  sharded = NamedSharding(mesh, P(DATA_AXIS))
+  train = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config,
+                                    schedule=schedule),
+                  in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
+                  donate_argnums=0)
+  evaluate = jax.jit(functools.partial(eval_step, model=model, use_ema=config.ema_decay > 0),
+                     in_shardings=(replicated, sharded), out_shardings=replicated)
+  return train, evaluate
+
+
+def with_norm_axis(model: nn.Module, axis_name: str) -> nn.Module:
+  """The same model with BatchNorm statistics averaged across `axis_name` (for pmap)."""
+  norm = getattr(model, "norm", None)
+  if norm is None:
+    return model
+  return model.clone(norm=functools.partial(norm, axis_name=axis_name))
+
+
+def pmap_steps(model: nn.Module, tx: optax.GradientTransformation,
+               config: StepConfig) -> tuple[Callable, Callable]:
+  """The pmap twin of `jit_steps` (state replicated per device, batch split by device)."""
+  model = with_norm_axis(model, DATA_AXIS)
+  train = jax.pmap(functools.partial(train_step, model=model, tx=tx, config=config,
+                                     axis_name=DATA_AXIS), axis_name=DATA_AXIS, donate_argnums=0)
+  evaluate = jax.pmap(functools.partial(eval_step, model=model, use_ema=config.ema_decay > 0,
+                                        axis_name=DATA_AXIS), axis_name=DATA_AXIS)
+  return train, evaluate
