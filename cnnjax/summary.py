@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import types
 
 from cnnjax.analysis import summary
 from cnnjax.registry import create_model, list_models, model_info
@@ -30,6 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   return 0
 
+
+class _CallableModule(types.ModuleType):
+  """Importing this module rebinds `cnnjax.summary` from the function to the module
+  (Python sets a package attribute for each imported submodule); calling it must
+  still give the table, so the module forwards calls to the function."""
+
+  def __call__(self, *args, **kwargs):
+    return summary(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
   sys.exit(main())

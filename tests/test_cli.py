@@ -23,3 +23,10 @@ def test_experiments_run_prints_the_measured_zoo(capsys):
   out = capsys.readouterr().out
   assert "plain20" in out and "269,722" in out and "0.081" in out
   assert run.main(["--models", "nonexistent*"]) == 2
+
+
+def test_importing_the_cli_keeps_cnnjax_summary_callable():
+  import cnnjax
+  import cnnjax.summary  # noqa: F401  (rebinds the package attribute to the module)
+  table = cnnjax.summary(cnnjax.create_model("resnet20"), 32)
+  assert table.total_params == 269_722

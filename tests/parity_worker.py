@@ -1,0 +1,65 @@
+"""Run by tests/test_steps.py in a fresh process with 4 CPU devices.
+
+Trains a small CIFAR ResNet for 3 steps on one global batch three ways (one
+device, a 4-device mesh, pmap over 4 devices) and prints the largest
+differences as JSON.
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import cnnjax  # noqa: E402
+from cnnjax.train import optim, steps  # noqa: E402
+
+
+def main():
+  assert jax.device_count() == 4, jax.devices()
+  model = cnnjax.create_model("resnet20", num_classes=5, widths=(4, 8, 8))
+  shape = optim.schedule_shape("cosine", total_steps=3, steps_per_epoch=3)
+  tx = optim.make_optimizer("sgd", shape, learning_rate=0.1, weight_decay=1e-3, momentum=0.9,
+                            nesterov=True)
+  config = steps.StepConfig(label_smoothing=0.1, ema_decay=0.9)
+  rng = np.random.default_rng(0)
+  batches = [{"image": jnp.asarray(rng.normal(size=(8, 16, 16, 3)), jnp.float32),
+              "label": jnp.asarray(rng.integers(0, 5, size=8))} for _ in range(3)]
+  init = lambda: steps.create_state(model, tx, (16, 16, 3), seed=0, ema=True)  # noqa: E731
+
+  results = {}
+  for name, devices in (("single", jax.devices()[:1]), ("mesh4", jax.devices())):
+    mesh = steps.make_mesh(devices)
+    train, _ = steps.jit_steps(model, tx, config, mesh)
+    state = jax.jit(init)()
+    for batch in batches:
+      state, _ = train(state, batch)
+    results[name] = jax.device_get(state)
+
+  train_p, _ = steps.pmap_steps(model, tx, config)
+  state = jax.jit(init)()
+  state = jax.tree.map(lambda x: jnp.broadcast_to(x, (4,) + x.shape), state)
+  for batch in batches:
+    split = jax.tree.map(lambda x: x.reshape((4, -1) + x.shape[1:]), batch)
+    state, _ = train_p(state, split)
+  results["pmap"] = jax.tree.map(lambda x: x[0], jax.device_get(state))
+
+  def max_diff(a, b, field):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree.leaves(getattr(a, field)), jax.tree.leaves(getattr(b, field))))
+
+  report = {f"{other}_{field}": max_diff(results["single"], results[other], field)
+            for other in ("mesh4", "pmap")
+            for field in ("params", "batch_stats", "ema_params")}
+  report["steps"] = int(results["mesh4"].step)
+  report["moved"] = float(max(np.max(np.abs(np.asarray(x) - np.asarray(y))) for x, y in zip(
+      jax.tree.leaves(results["single"].params), jax.tree.leaves(jax.device_get(jax.jit(init)().params)))))
+  json.dump(report, sys.stdout)
+
+
+if __name__ == "__main__":
+  main()

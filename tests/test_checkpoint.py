@@ -1,0 +1,49 @@
+"""Checkpoints: round trip, fallback past a corrupt newest step, nothing deleted."""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnjax.train import checkpoint
+
+
+def _state(value):
+  return {"params": {"w": jnp.full((3, 2), value, jnp.float32)}, "step": jnp.asarray(int(value))}
+
+
+def _corrupt(step_dir: pathlib.Path):
+  for path in step_dir.rglob("*"):
+    if path.is_file() and "state" in path.parts:
+      path.write_bytes(b"\x00garbage")
+
+
+def test_round_trip_and_fallback_to_the_newest_good_step(tmp_path):
+  manager = checkpoint.make_manager(tmp_path, max_to_keep=3, async_save=False)
+  for step in (1, 2):
+    checkpoint.save(manager, step, _state(float(step)), {"epoch": step, "position": step * 10})
+  manager.wait_until_finished()
+  target = checkpoint.abstract_like(_state(0.0))
+  step, state, extra = checkpoint.restore_latest(manager, target)
+  assert step == 2 and extra == {"epoch": 2, "position": 20}
+  np.testing.assert_array_equal(state["params"]["w"], np.full((3, 2), 2.0))
+
+  _corrupt(tmp_path / "2")
+  with pytest.warns(UserWarning, match="step 2 .* cannot be restored"):
+    step, state, extra = checkpoint.restore_latest(manager, target)
+  assert step == 1 and extra["position"] == 10
+  np.testing.assert_array_equal(state["params"]["w"], np.full((3, 2), 1.0))
+  assert (tmp_path / "2").exists()  # the bad checkpoint is kept for inspection
+
+  _corrupt(tmp_path / "1")
+  with pytest.warns(UserWarning), pytest.raises(checkpoint.NoUsableCheckpointError,
+                                                match="nothing was deleted"):
+    checkpoint.restore_latest(manager, target)
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["1", "2"]
+
+
+def test_empty_directory_means_a_fresh_start(tmp_path):
+  manager = checkpoint.make_manager(tmp_path / "ckpt", async_save=False)
+  assert checkpoint.restore_latest(manager, checkpoint.abstract_like(_state(0.0))) is None
