@@ -93,6 +93,10 @@ _MODULES = {
 }
 
 
+# Smallest input whose ceil-mode pools leave no empty map (tests/test_input_size.py).
+MIN_INPUT_SIZE = 15
+
+
 class GoogLeNet(nn.Module):
   num_classes: int = 1000
   aux_logits: bool = False
@@ -106,7 +110,7 @@ class GoogLeNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False):
-    common.require_input_size(x, 15, "GoogLeNet")
+    common.require_input_size(x, MIN_INPUT_SIZE, "GoogLeNet")
     conv = functools.partial(self.conv, kernel_init=_trunc_normal, dtype=self.dtype,
                              param_dtype=self.param_dtype)
     norm = functools.partial(self.norm, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -144,5 +148,5 @@ class GoogLeNet(nn.Module):
 
 _PAPER = "Szegedy et al. Going Deeper with Convolutions. CVPR 2015."
 
-register_model("googlenet", family="googlenet", paper=_PAPER, min_input_size=15,
+register_model("googlenet", family="googlenet", paper=_PAPER, min_input_size=MIN_INPUT_SIZE,
                reference="torchvision/googlenet_auxFalse")(functools.partial(GoogLeNet))
