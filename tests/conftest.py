@@ -18,6 +18,7 @@ _CACHE = os.environ.get("CNNJAX_TEST_CACHE", str(pathlib.Path.home() / ".cache" 
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+os.environ["CNNJAX_TEST_CACHE"] = _CACHE  # subprocess workers share it
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +35,13 @@ def efficientnet_reference() -> str:
   if not path.exists():
     pytest.fail(f"reference facts missing: {path} (set CNNJAX_REFERENCE_DIR)")
   return path.read_text()
+
+
+@pytest.fixture(scope="session")
+def digits_data_dir(tmp_path_factory) -> pathlib.Path:
+  """A data directory with the embedded digits prepared (one per test worker)."""
+  from cnnjax import data
+
+  data_dir = tmp_path_factory.mktemp("tfds")
+  data.prepare("digits", data_dir, progress=False)
+  return data_dir

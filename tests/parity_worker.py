@@ -1,8 +1,8 @@
 """Run by tests/test_steps.py in a fresh process with 4 CPU devices.
 
 Trains a small CIFAR ResNet for 3 steps on one global batch three ways (one
-device, a 4-device mesh, pmap over 4 devices) and prints the largest
-differences as JSON.
+device, a 4-device mesh, pmap over 4 devices), then with ghost (per-device)
+BatchNorm under jit and pmap, and prints the largest differences as JSON.
 """
 
 import json
@@ -52,9 +52,25 @@ def main():
     return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
                for x, y in zip(jax.tree.leaves(getattr(a, field)), jax.tree.leaves(getattr(b, field))))
 
+  # Ghost BatchNorm: per-device statistics, under jit (shard_map) and under pmap.
+  ghost_config = steps.StepConfig(label_smoothing=0.1, ema_decay=0.9, ghost_batch_norm=True)
+  train_g, _ = steps.jit_steps(model, tx, ghost_config, steps.make_mesh(jax.devices()))
+  state = jax.jit(init)()
+  for batch in batches:
+    state, _ = train_g(state, batch)
+  results["ghost_jit"] = jax.device_get(state)
+  train_gp, _ = steps.pmap_steps(model, tx, ghost_config)
+  state = jax.tree.map(lambda x: jnp.broadcast_to(x, (4,) + x.shape), jax.jit(init)())
+  for batch in batches:
+    state, _ = train_gp(state, jax.tree.map(lambda x: x.reshape((4, -1) + x.shape[1:]), batch))
+  results["ghost_pmap"] = jax.tree.map(lambda x: x[0], jax.device_get(state))
+
   report = {f"{other}_{field}": max_diff(results["single"], results[other], field)
             for other in ("mesh4", "pmap")
             for field in ("params", "batch_stats", "ema_params")}
+  for field in ("params", "batch_stats"):
+    report[f"ghost_pmap_vs_jit_{field}"] = max_diff(results["ghost_jit"], results["ghost_pmap"], field)
+    report[f"ghost_vs_global_{field}"] = max_diff(results["ghost_jit"], results["single"], field)
   report["steps"] = int(results["mesh4"].step)
   report["moved"] = float(max(np.max(np.abs(np.asarray(x) - np.asarray(y))) for x, y in zip(
       jax.tree.leaves(results["single"].params), jax.tree.leaves(jax.device_get(jax.jit(init)().params)))))

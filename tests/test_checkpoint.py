@@ -47,3 +47,19 @@ def test_round_trip_and_fallback_to_the_newest_good_step(tmp_path):
 def test_empty_directory_means_a_fresh_start(tmp_path):
   manager = checkpoint.make_manager(tmp_path / "ckpt", async_save=False)
   assert checkpoint.restore_latest(manager, checkpoint.abstract_like(_state(0.0))) is None
+
+
+def test_quarantine_moves_unreadable_steps_aside_and_frees_their_numbers(tmp_path):
+  manager = checkpoint.make_manager(tmp_path / "ckpt", max_to_keep=3, async_save=False)
+  for step in (1, 2):
+    checkpoint.save(manager, step, _state(float(step)), {"position": step})
+  _corrupt(tmp_path / "ckpt" / "2")
+  target = checkpoint.abstract_like(_state(0.0))
+  with pytest.warns(UserWarning):
+    step, _, _ = checkpoint.restore_latest(manager, target, quarantine=tmp_path / "bad")
+  assert step == 1 and manager.all_steps() == [1]
+  moved = list((tmp_path / "bad").iterdir())
+  assert len(moved) == 1 and moved[0].name.startswith("2-") and any(moved[0].rglob("*"))
+  checkpoint.save(manager, 2, _state(5.0), {"position": 2})  # the step number is free again
+  manager.wait_until_finished()
+  assert checkpoint.restore_latest(manager, target)[0] == 2

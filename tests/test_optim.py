@@ -97,3 +97,62 @@ def test_bad_optimizer_settings_are_named():
     optim.make_optimizer("sgd", shape, -1.0)
   with pytest.raises(ValueError, match="adamw decouples"):
     optim.make_optimizer("adamw", shape, 0.1, weight_decay_mode="coupled")
+
+
+def _trust(w, u, coefficient, is_kernel):
+  if not is_kernel:
+    return 1.0
+  wn, un = np.linalg.norm(w), np.linalg.norm(u)
+  return coefficient * wn / un if wn > 0 and un > 0 else 1.0
+
+
+def _numpy_lars(params, grads_seq, lr, wd, momentum, coefficient):
+  """You et al. 2017: v = m v + lr * trust * (g + wd w) per layer; kernels only get trust/decay."""
+  p = {k: v.copy() for k, v in params.items()}
+  v = {k: np.zeros_like(x) for k, x in params.items()}
+  for grads in grads_seq:
+    for k in p:
+      kernel = p[k].ndim > 1
+      u = grads[k] + (wd * p[k] if kernel else 0.0)
+      v[k] = momentum * v[k] + lr * _trust(p[k], u, coefficient, kernel) * u
+      p[k] = p[k] - v[k]
+  return p
+
+
+def _numpy_lamb(params, grads_seq, lr, wd, b1, b2, eps):
+  """You et al. 2020: bias-corrected Adam direction plus decay, scaled by ||w|| / ||r||."""
+  p = {k: v.copy() for k, v in params.items()}
+  m = {k: np.zeros_like(x) for k, x in params.items()}
+  s = {k: np.zeros_like(x) for k, x in params.items()}
+  for t, grads in enumerate(grads_seq, start=1):
+    for k in p:
+      kernel = p[k].ndim > 1
+      m[k] = b1 * m[k] + (1 - b1) * grads[k]
+      s[k] = b2 * s[k] + (1 - b2) * grads[k] ** 2
+      r = (m[k] / (1 - b1 ** t)) / (np.sqrt(s[k] / (1 - b2 ** t)) + eps)
+      r = r + (wd * p[k] if kernel else 0.0)
+      p[k] = p[k] - lr * _trust(p[k], r, 1.0, kernel) * r
+  return p
+
+
+@pytest.mark.parametrize("name", ["lars", "lamb"])
+def test_lars_and_lamb_equal_numpy_over_three_steps(name):
+  rng = np.random.default_rng(1)
+  params = {"kernel": rng.normal(size=(3, 4)), "bias": rng.normal(size=(4,))}
+  grads = [{k: rng.normal(size=v.shape) for k, v in params.items()} for _ in range(3)]
+  shape = optim.schedule_shape("constant", total_steps=3, steps_per_epoch=3)
+  tx = optim.make_optimizer(name, shape, learning_rate=0.5, weight_decay=0.01,
+                            weight_decay_mode="decoupled", momentum=0.9, trust_coefficient=0.02)
+  p = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  state = tx.init(p)
+  for g in grads:
+    updates, state = tx.update(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g), state, p)
+    p = optax.apply_updates(p, updates)
+  if name == "lars":
+    expected = _numpy_lars(params, grads, 0.5, 0.01, 0.9, 0.02)
+  else:
+    expected = _numpy_lamb(params, grads, 0.5, 0.01, 0.9, 0.999, 1e-6)
+  for key in params:
+    np.testing.assert_allclose(p[key], expected[key], rtol=2e-5, atol=1e-6)
+  moved = np.abs(np.asarray(p["kernel"]) - params["kernel"]).max()
+  assert moved > 1e-3

@@ -24,8 +24,10 @@ def test_sharded_and_pmap_steps_equal_the_single_device_step():
   report = json.loads(out.stdout.strip().splitlines()[-1])
   assert report["steps"] == 3 and report["moved"] > 1e-3  # training really happened
   for key, value in report.items():
-    if key.startswith(("mesh4", "pmap")):
+    if key.startswith(("mesh4", "pmap", "ghost_pmap_vs_jit")):
       assert value < 1e-5, (key, value)
+  # Per-device statistics really differ from global-batch ones.
+  assert report["ghost_vs_global_batch_stats"] > 1e-3 and report["ghost_vs_global_params"] > 1e-4
 
 
 def _tiny():
@@ -66,3 +68,46 @@ def test_eval_counts_only_real_examples_of_a_padded_batch():
   for key in ("loss", "top1", "top5"):
     assert float(padded[key]) == pytest.approx(float(head[key]), rel=1e-5, abs=1e-5)
   assert float(full["top5"]) == 6  # 3 classes: the true one is always in the top 5
+
+
+def _precision_run(dtype, loss_scale=None, num_steps=1):
+  model = cnnjax.create_model("resnet20", num_classes=3, widths=(4, 4, 4), dtype=dtype)
+  shape = optim.schedule_shape("constant", total_steps=1, steps_per_epoch=1)
+  tx = optim.make_optimizer("sgd", shape, learning_rate=0.1)
+  train, _ = steps.jit_steps(model, tx, steps.StepConfig(), steps.make_mesh(jax.devices()[:1]))
+  state = jax.jit(lambda: steps.create_state(model, tx, (8, 8, 3), seed=0,
+                                             loss_scale=loss_scale))()
+  batch = {"image": jax.random.normal(jax.random.key(0), (4, 8, 8, 3)), "label": jnp.arange(4) % 3}
+  history = []
+  for _ in range(num_steps):
+    before = jax.device_get(state.params)
+    state, metrics = train(state, batch)
+    history.append((before, jax.device_get(state.params), jax.device_get(metrics)))
+  return jax.device_get(state), history
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_computes_in_dtype_but_keeps_float32_state(dtype):
+  state, [(before, after, metrics)] = _precision_run(dtype, loss_scale=2.0 ** 8)
+  for leaf in jax.tree.leaves((state.params, state.batch_stats)):
+    assert leaf.dtype == jnp.float32
+  assert np.isfinite(metrics["loss"])
+  assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(before),
+                                                        jax.tree.leaves(after))) > 1e-4
+  model = cnnjax.create_model("resnet20", num_classes=3, widths=(4, 4, 4), dtype=dtype)
+  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                       jnp.zeros((1, 8, 8, 3)), train=False)
+  assert logits.dtype == dtype
+
+
+def test_float16_loss_scaling_skips_overflowing_steps_and_backs_off():
+  state, history = _precision_run(jnp.float16, loss_scale=2.0 ** 30, num_steps=24)
+  skipped = [bool(m["skipped"]) for _, _, m in history]
+  scales = [float(m["loss_scale"]) for _, _, m in history]
+  assert skipped[0] and not skipped[-1]  # 2^30 overflows float16; the scale comes down until not
+  for (before, after, _), skip in zip(history, skipped):
+    unchanged = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
+                                                         jax.tree.leaves(after)))
+    assert unchanged == skip  # a skipped step leaves the params alone, a taken one moves them
+  first_taken = skipped.index(False)
+  assert scales[:first_taken] == [2.0 ** (29 - i) for i in range(first_taken)]

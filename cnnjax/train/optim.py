@@ -108,11 +108,13 @@ def make_optimizer(name: str, shape: Callable[[jax.Array], jax.Array], learning_
     elif name in ("adam", "adamw"):
       parts += [optax.scale_by_adam(b1, b2, 1e-8 if eps is None else eps)] + decay() + lr_scaling()
     elif name == "lars":
-      parts += decay() + [optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient)]
+      # Layer-wise trust ratios for kernels only, as LARS and LAMB are used in practice.
+      parts += decay() + [optax.masked(
+          optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient), decay_mask)]
       parts += lr_scaling() + [optax.trace(momentum, nesterov)]
     else:  # lamb
       parts += [optax.scale_by_adam(b1, b2, 1e-6 if eps is None else eps)] + decay()
-      parts += [optax.scale_by_trust_ratio()] + lr_scaling()
+      parts += [optax.masked(optax.scale_by_trust_ratio(), decay_mask)] + lr_scaling()
     return optax.chain(*parts)
 
   if not (math.isfinite(learning_rate) and learning_rate > 0):

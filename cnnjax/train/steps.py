@@ -5,6 +5,15 @@ it, the state replicated and donated. BatchNorm statistics are those of the
 global batch (XLA reduces across devices). The `pmap` twin computes the same
 numbers with explicit `pmean`s. Per-step randomness is `fold_in(key, step)`,
 so a restarted run draws the same dropout masks as an uninterrupted one.
+
+Ghost BatchNorm (`StepConfig.ghost_batch_norm`): each device normalises with
+the statistics of its own part of the batch; the running statistics are then
+averaged across devices so the state stays replicated. Under jit this runs the
+step in `shard_map`; under pmap it drops the norm's axis name.
+
+Float16 training carries a `flax.training.dynamic_scale.DynamicScale` in the
+state: the loss is scaled up, gradients scaled back, and a step whose
+gradients are not finite is skipped while the scale backs off.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
+from flax.training import dynamic_scale as dynamic_scale_lib
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cnnjax.train import optim
@@ -36,6 +46,7 @@ class TrainState:
   rng: jax.Array
   ema_params: Any = None
   ema_batch_stats: Any = None
+  dynamic_scale: dynamic_scale_lib.DynamicScale | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +55,15 @@ class StepConfig:
   aux_loss_weight: float = 0.3
   weight_decay_mode: str = "decoupled"
   ema_decay: float = 0.0
+  ghost_batch_norm: bool = False
 
 
 def create_state(model: nn.Module, tx: optax.GradientTransformation, image_shape, seed: int,
-                 ema: bool = False) -> TrainState:
-  """Initialises parameters and optimizer state (call under jit to place them)."""
+                 ema: bool = False, loss_scale: float | None = None) -> TrainState:
+  """Initialises parameters and optimizer state (call under jit to place them).
+
+  `loss_scale` (for float16) is the initial dynamic loss scale; None disables it.
+  """
   init_key, train_key = jax.random.split(jax.random.key(seed))
   variables = model.init({"params": init_key, "dropout": init_key},
                          jnp.zeros((1, *image_shape), jnp.float32), train=False)
@@ -57,7 +72,9 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, image_shape
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
       opt_state=tx.init(params), rng=train_key,
-      ema_params=params if ema else None, ema_batch_stats=batch_stats if ema else None)
+      ema_params=params if ema else None, ema_batch_stats=batch_stats if ema else None,
+      dynamic_scale=(dynamic_scale_lib.DynamicScale(scale=jnp.float32(loss_scale))
+                     if loss_scale else None))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
@@ -95,13 +112,26 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
       loss += optim.l2_penalty(params, weight_decay)
     return loss, (logits, mutated.get("batch_stats", {}), data_loss)
 
-  (loss, (logits, batch_stats, data_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  if axis_name is not None:
-    grads = jax.lax.pmean(grads, axis_name)
+  dynamic_scale, finite = state.dynamic_scale, None
+  if dynamic_scale is not None:
+    # Averages the (unscaled) gradients across `axis_name` itself.
+    dynamic_scale, finite, (loss, (logits, batch_stats, data_loss)), grads = (
+        dynamic_scale.value_and_grad(loss_fn, has_aux=True, axis_name=axis_name)(state.params))
+  else:
+    (loss, (logits, batch_stats, data_loss)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    if axis_name is not None:
+      grads = jax.lax.pmean(grads, axis_name)
+  if axis_name is not None and config.ghost_batch_norm:
+    batch_stats = jax.lax.pmean(batch_stats, axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  if finite is not None:  # a float16 overflow: keep the old values, the scale has backed off
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    batch_stats = keep(batch_stats, state.batch_stats)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state)
+                            opt_state=opt_state, dynamic_scale=dynamic_scale)
   if state.ema_params is not None:
     decay = config.ema_decay
     new_state = new_state.replace(
@@ -113,6 +143,9 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
     learning_rate = learning_rate * schedule(state.step)
   metrics = {"loss": loss, "data_loss": data_loss, "accuracy": accuracy,
              "learning_rate": learning_rate}
+  if dynamic_scale is not None:
+    metrics["loss_scale"] = dynamic_scale.scale
+    metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
   if axis_name is not None:
     metrics = jax.lax.pmean(metrics, axis_name)
   return new_state, metrics
@@ -148,9 +181,14 @@ def jit_steps(model: nn.Module, tx: optax.GradientTransformation, config: StepCo
   """Train and eval steps compiled once for `mesh`: batch sharded, state replicated, donated."""
   replicated = NamedSharding(mesh, P())
   sharded = NamedSharding(mesh, P(DATA_AXIS))
-  train = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config,
-                                    schedule=schedule),
-                  in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
+  step = functools.partial(train_step, model=model, tx=tx, config=config, schedule=schedule)
+  if config.ghost_batch_norm:
+    # Per-device statistics need per-device code: the step runs once per shard, with
+    # explicit means over the axis (the state is replicated by construction, hence no
+    # varying-manual-axes check).
+    step = jax.shard_map(functools.partial(step, axis_name=DATA_AXIS), mesh=mesh,
+                         in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()), check_vma=False)
+  train = jax.jit(step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
                   donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_step, model=model, use_ema=config.ema_decay > 0),
                      in_shardings=(replicated, sharded), out_shardings=replicated)
@@ -168,7 +206,8 @@ def with_norm_axis(model: nn.Module, axis_name: str) -> nn.Module:
 def pmap_steps(model: nn.Module, tx: optax.GradientTransformation,
                config: StepConfig) -> tuple[Callable, Callable]:
   """The pmap twin of `jit_steps` (state replicated per device, batch split by device)."""
-  model = with_norm_axis(model, DATA_AXIS)
+  if not config.ghost_batch_norm:
+    model = with_norm_axis(model, DATA_AXIS)
   train = jax.pmap(functools.partial(train_step, model=model, tx=tx, config=config,
                                      axis_name=DATA_AXIS), axis_name=DATA_AXIS, donate_argnums=0)
   evaluate = jax.pmap(functools.partial(eval_step, model=model, use_ema=config.ema_decay > 0,

@@ -1,0 +1,208 @@
+"""Finding, preparing and opening datasets by name, without TensorFlow.
+
+A dataset is named like TFDS names it (`cifar10`, `gratings/64px`), or is a
+folder of images given as `folder:/path/to/root` (see `image_folder`). The
+embedded datasets (`builders.EMBEDDED`) are prepared as array_record on first
+use; catalog datasets must have been prepared in array_record form beforehand,
+and a missing one fails at once with the command that prepares it. Nothing
+here touches the network or deletes prepared data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+DATA_DIR_ENV = "CNNJAX_DATA_DIR"
+FOLDER_PREFIX = "folder:"
+
+
+class DatasetError(ValueError):
+  """A dataset cannot be found, prepared or read; the message says how to fix it."""
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+  """`data_dir`, else `$CNNJAX_DATA_DIR`, else `~/tensorflow_datasets`."""
+  chosen = data_dir or os.environ.get(DATA_DIR_ENV) or "~/tensorflow_datasets"
+  return pathlib.Path(chosen).expanduser().absolute()
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  name: str
+  num_classes: int
+  image_shape: tuple  # (height, width, channels); None for variable sizes
+  splits: dict  # split name -> number of examples
+  class_names: tuple = ()
+
+
+def _tfds():
+  import tensorflow_datasets as tfds  # noqa: PLC0415 - heavy import kept off `import cnnjax`
+
+  from cnnjax.data import builders  # noqa: F401, PLC0415 - registers the embedded builders
+  return tfds
+
+
+def embedded_names() -> tuple[str, ...]:
+  from cnnjax.data import builders  # noqa: PLC0415
+
+  return tuple(sorted(builders.EMBEDDED))
+
+
+def _base_name(name: str) -> str:
+  return name.split("/")[0].split(":")[0]
+
+
+def prepared_names(data_dir: pathlib.Path) -> list[str]:
+  """Datasets with a prepared version in `data_dir` (by their directory layout)."""
+  if not data_dir.is_dir():
+    return []
+  found = set()
+  for info in data_dir.glob("*/**/dataset_info.json"):
+    relative = info.parent.relative_to(data_dir).parts
+    if len(relative) >= 2:
+      found.add("/".join(relative[:-1]))
+  return sorted(found)
+
+
+def _unknown(name: str, data_dir: pathlib.Path) -> DatasetError:
+  import difflib  # noqa: PLC0415
+
+  tfds = _tfds()
+  catalog = tfds.list_builders(with_community_datasets=False)
+  close = difflib.get_close_matches(_base_name(name), [*embedded_names(), *catalog], n=3)
+  hint = f" Did you mean {', '.join(close)}?" if close else ""
+  prepared = prepared_names(data_dir)
+  return DatasetError(
+      f"unknown dataset {name!r}.{hint} Embedded (prepared on first use, no network): "
+      f"{', '.join(embedded_names())}. Prepared in {data_dir}: {', '.join(prepared) or 'none'}. "
+      f"Any TFDS catalog dataset works once prepared as array_record; a folder of images in "
+      f"class subfolders works as '{FOLDER_PREFIX}/path/to/root'.")
+
+
+def _not_prepared(name: str, data_dir: pathlib.Path, detail: str = "") -> DatasetError:
+  base = _base_name(name)
+  manual = (f" --manual_dir=/path/to/{base}/tars" if base == "imagenet2012" else "")
+  return DatasetError(
+      f"dataset {name!r} is not prepared in array_record form under {data_dir}{detail}. "
+      "cnnjax never downloads in the middle of a run. Prepare it once, on a machine with network "
+      f"access, with:\n  tfds build {name} --data_dir={data_dir} --file_format=array_record{manual}\n"
+      f"or point --data_dir / ${DATA_DIR_ENV} at the directory that holds it.")
+
+
+def builder(name: str, data_dir: str | os.PathLike | None = None, prepare: bool = True,
+            progress: bool = True):
+  """The TFDS builder for `name`, its data prepared in `data_dir` as array_record.
+
+  Embedded and folder datasets are prepared on first use (`prepare=True`);
+  catalog datasets must be there already.
+  """
+  data_dir = resolve_data_dir(data_dir)
+  tfds = _tfds()
+  if name.startswith(FOLDER_PREFIX):
+    from cnnjax.data import image_folder  # noqa: PLC0415
+
+    dataset_builder = image_folder.folder_builder(name[len(FOLDER_PREFIX):], data_dir)
+  else:
+    try:
+      dataset_builder = tfds.builder(name, data_dir=str(data_dir), file_format="array_record")
+    except tfds.core.registered.DatasetNotFoundError:
+      raise _unknown(name, data_dir) from None
+    except ValueError as error:  # e.g. an unknown config of a known dataset
+      raise DatasetError(f"dataset {name!r}: {error}") from None
+  if _is_prepared(dataset_builder):
+    _check_format(name, dataset_builder, data_dir)
+    return dataset_builder
+  if _base_name(name) not in embedded_names() and not name.startswith(FOLDER_PREFIX):
+    raise _not_prepared(name, data_dir)
+  if not prepare:
+    raise DatasetError(f"dataset {name!r} is not prepared under {data_dir}; call "
+                       "cnnjax.data.prepare or let the pipeline prepare it")
+  _prepare(dataset_builder, progress)
+  return dataset_builder
+
+
+def _is_prepared(dataset_builder) -> bool:
+  try:
+    return bool(dataset_builder.is_prepared())
+  except Exception as error:  # noqa: BLE001 - a broken dataset_info.json and the like
+    raise DatasetError(f"the prepared data in {dataset_builder.data_dir} cannot be read "
+                       f"({type(error).__name__}: {error}). Move that directory aside and prepare "
+                       "again; cnnjax will not delete it.") from error
+
+
+def _check_format(name: str, dataset_builder, data_dir: pathlib.Path) -> None:
+  file_format = getattr(dataset_builder.info, "file_format", None)
+  value = getattr(file_format, "value", file_format)
+  if value is not None and value != "array_record":
+    raise _not_prepared(name, data_dir, f" (it is prepared as {value}, which needs TensorFlow; "
+                        "use data.backend='tf' with TensorFlow installed, or prepare it again)")
+
+
+def _prepare(dataset_builder, progress: bool) -> None:
+  tfds = _tfds()
+  if not progress:
+    tfds.disable_progress_bar()
+  try:
+    dataset_builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  except TypeError:  # builders that take the format only at construction
+    dataset_builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  finally:
+    if not progress:
+      tfds.enable_progress_bar()
+
+
+def prepare(name: str, data_dir: str | os.PathLike | None = None, progress: bool = True) -> DatasetInfo:
+  """Prepares `name` if it is embedded and missing; returns its info either way."""
+  return info(name, data_dir, progress=progress)
+
+
+def info(name: str, data_dir: str | os.PathLike | None = None, progress: bool = True) -> DatasetInfo:
+  dataset_builder = builder(name, data_dir, progress=progress)
+  features = dataset_builder.info.features
+  if "image" not in features or "label" not in features:
+    raise DatasetError(f"dataset {name!r} has features {sorted(features.keys())}; cnnjax needs "
+                       "'image' and 'label'")
+  label = features["label"]
+  splits = {split: int(value.num_examples) for split, value in dataset_builder.info.splits.items()}
+  if not any(splits.values()):
+    raise DatasetError(f"dataset {name!r} under {dataset_builder.data_dir} has no examples")
+  return DatasetInfo(name=name, num_classes=int(label.num_classes),
+                     image_shape=tuple(features["image"].shape), splits=splits,
+                     class_names=tuple(getattr(label, "names", ()) or ()))
+
+
+def data_source(name: str, split: str, data_dir: str | os.PathLike | None = None):
+  """A random-access source of {'image': uint8 HWC, 'label': int} examples."""
+  dataset_builder = builder(name, data_dir)
+  available = list(dataset_builder.info.splits.keys())
+  if split.split("[")[0] not in available:
+    raise DatasetError(f"dataset {name!r} has no split {split!r}; it has {available}")
+  return dataset_builder.as_data_source(split=split)
+
+
+class ArraySource:
+  """An in-memory random-access source with the same interface, for notebooks and tests."""
+
+  def __init__(self, images: np.ndarray, labels: Sequence[int]):
+    if len(images) != len(labels):
+      raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    self.images = np.asarray(images)
+    self.labels = np.asarray(labels)
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return {"image": self.images[index], "label": self.labels[index]}
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    return [self[i] for i in indices]

@@ -1,0 +1,93 @@
+"""A folder of images in class subfolders, prepared as a TFDS dataset.
+
+Layout: `root/<split>/<class>/<image>` (splits such as train/test), or
+`root/<class>/<image>` for a single `train` split. Classes are the sorted
+union of class folder names. Images are stored as RGB PNG at their own size.
+The prepared copy lives under `data_dir/cnnjax_image_folder/<name>-<hash>/`,
+keyed by the folder's absolute path; it is never overwritten — move it aside
+to prepare a changed folder again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import pathlib
+import re
+
+import tensorflow_datasets as tfds
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _is_class_dir(path: pathlib.Path) -> bool:
+  return path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir())
+
+
+def scan(root: pathlib.Path) -> tuple[dict[str, list[tuple[pathlib.Path, str]]], list[str]]:
+  """{split: [(image path, class name)]} and the sorted class names."""
+  if not root.is_dir():
+    raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
+  children = sorted(p for p in root.iterdir() if p.is_dir())
+  if children and all(_is_class_dir(c) for c in children):
+    layout = {"train": children}
+  else:
+    layout = {split.name: sorted(c for c in split.iterdir() if _is_class_dir(c)) for split in children}
+    layout = {split: dirs for split, dirs in layout.items() if dirs}
+  if not layout:
+    raise FileNotFoundError(
+        f"no images found in {root}: expected root/<class>/<image> or root/<split>/<class>/<image> "
+        f"with suffixes {sorted(IMAGE_SUFFIXES)}")
+  classes = sorted({d.name for dirs in layout.values() for d in dirs})
+  examples = {split: [(image, d.name) for d in dirs for image in sorted(d.iterdir())
+                      if image.suffix.lower() in IMAGE_SUFFIXES]
+              for split, dirs in layout.items()}
+  return examples, classes
+
+
+@dataclasses.dataclass
+class ImageFolderConfig(tfds.core.BuilderConfig):
+  root: str = ""
+
+
+class CnnjaxImageFolder(tfds.core.GeneratorBasedBuilder):
+  """Images in class subfolders."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    _, classes = scan(pathlib.Path(self.builder_config.root))
+    return self.dataset_info_from_configs(
+        description=f"images from {self.builder_config.root}",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+            "label": tfds.features.ClassLabel(names=classes)}),
+        supervised_keys=("image", "label"))
+
+  def _split_generators(self, dl_manager):
+    examples, classes = scan(pathlib.Path(self.builder_config.root))
+    index = {name: i for i, name in enumerate(classes)}
+    return {split: self._generate_examples(items, index) for split, items in examples.items()}
+
+  def _generate_examples(self, items, index):
+    from PIL import Image  # noqa: PLC0415
+
+    for path, class_name in items:
+      buffer = io.BytesIO()
+      with Image.open(path) as image:
+        image.convert("RGB").save(buffer, format="PNG")
+      yield str(path), {"image": buffer.getvalue(), "label": index[class_name]}
+
+
+def config_name(root: pathlib.Path) -> str:
+  digest = hashlib.sha1(str(root).encode()).hexdigest()[:10]
+  stem = re.sub(r"[^A-Za-z0-9_.-]", "_", root.name)[:40] or "root"
+  return f"{stem}-{digest}"
+
+
+def folder_builder(root: str, data_dir: pathlib.Path) -> CnnjaxImageFolder:
+  root_path = pathlib.Path(root).expanduser().absolute()
+  config = ImageFolderConfig(name=config_name(root_path), root=str(root_path),
+                             description=f"images from {root_path}")
+  return CnnjaxImageFolder(config=config, data_dir=str(data_dir), file_format="array_record")

@@ -1,0 +1,122 @@
+"""The training configuration: every knob of `train_and_evaluate`, with defaults.
+
+`default_config()` returns a locked `ml_collections.ConfigDict`, so a typo in a
+key is an error that names it. Experiment configs start from it and override.
+Fields left `None` take the value from the model's or the dataset's info
+(`image_size`, `num_classes`, `crop_fraction`, `interpolation`, `mean`/`std`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+DTYPES = ("float32", "bfloat16", "float16")
+PARALLELISMS = ("jit", "pmap")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = "resnet20"
+  # Constructor fields of the model (e.g. widths=(8, 16, 32)); any the module has.
+  c.model_overrides = ml_collections.ConfigDict()
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "digits"
+  c.data.data_dir = config_dict.placeholder(str)
+  c.data.train_split = "train"
+  c.data.eval_split = "test"
+  c.data.num_classes = config_dict.placeholder(int)
+  c.data.image_size = config_dict.placeholder(int)
+  c.data.train_crop = "random_resized"  # random_resized | pad_crop | resize
+  c.data.crop_scale = (0.08, 1.0)
+  c.data.pad = 4
+  c.data.flip = True
+  c.data.rand_augment_ops = 0  # RandAugment N; 0 disables it
+  c.data.rand_augment_magnitude = 9.0  # M on the 0..30 scale
+  c.data.crop_fraction = config_dict.placeholder(float)
+  c.data.interpolation = config_dict.placeholder(str)
+  c.data.mean = config_dict.placeholder(tuple)
+  c.data.std = config_dict.placeholder(tuple)
+  c.data.num_workers = 0  # grain worker processes; 0 reads in the training process
+  c.data.num_threads = 1
+  c.data.prefetch = 2
+
+  c.batch_size = 128  # global, over all devices of all processes
+  c.eval_batch_size = config_dict.placeholder(int)  # defaults to batch_size
+  c.num_epochs = 10.0
+  c.num_steps = config_dict.placeholder(int)  # overrides num_epochs when set
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "sgd"
+  c.optimizer.learning_rate = 0.1  # the peak rate (per 256 images with scale_by_batch)
+  c.optimizer.scale_by_batch = False
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False
+  c.optimizer.rms_decay = 0.9
+  c.optimizer.eps = config_dict.placeholder(float)
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.trust_coefficient = 0.001
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.weight_decay_mode = "coupled"  # coupled (L2 in the loss) | decoupled
+  c.optimizer.clip_norm = config_dict.placeholder(float)
+  c.optimizer.schedule = "cosine"  # constant | multistep | cosine | exponential
+  c.optimizer.warmup_epochs = 0.0
+  c.optimizer.boundaries_epochs = ()
+  c.optimizer.decay_factor = 0.1
+  c.optimizer.decay_epochs = 2.4
+  c.optimizer.decay_rate = 0.97
+  c.optimizer.final_fraction = 0.0
+
+  c.label_smoothing = 0.0
+  c.aux_loss_weight = 0.3
+  c.ema_decay = 0.0  # > 0 keeps an EMA of weights and BN statistics and evaluates it
+
+  c.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
+  c.initial_loss_scale = 2.0 ** 15  # float16 only
+  c.parallelism = "jit"  # jit (Mesh + NamedSharding) | pmap
+  c.ghost_batch_norm = False  # per-device BatchNorm statistics
+
+  c.eval_every_epochs = 1.0
+  c.log_every_steps = 20
+  c.keep_checkpoints = 2
+  c.best_metric = config_dict.placeholder(str)  # e.g. "top1": also keep the best checkpoint
+  c.async_checkpoint = True
+  c.progress_bar = True
+  c.tensorboard = True
+  c.stop_after_steps = config_dict.placeholder(int)  # end this invocation early (resumable)
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = config_dict.placeholder(str)
+  c.distributed.num_processes = config_dict.placeholder(int)
+  c.distributed.process_id = config_dict.placeholder(int)
+
+  c.lock()
+  # Free-form: the model's own fields, checked (with suggestions) by `create_model`.
+  c.model_overrides.unlock()
+  return c
+
+
+# Keys that may differ when a run resumes: they change how it runs, not what it computes.
+RESUMABLE_CHANGES = ("data.data_dir", "data.num_workers", "data.num_threads", "data.prefetch",
+                     "log_every_steps", "progress_bar", "tensorboard", "async_checkpoint",
+                     "stop_after_steps", "distributed", "parallelism")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks values that the types alone do not; names the key and the fix."""
+  def choice(key, value, options):
+    if value not in options:
+      raise ValueError(f"config.{key} must be one of {options}, got {value!r}")
+
+  choice("dtype", config.dtype, DTYPES)
+  choice("parallelism", config.parallelism, PARALLELISMS)
+  if config.batch_size < 1:
+    raise ValueError(f"config.batch_size must be positive, got {config.batch_size}")
+  if config.num_steps is None and not config.num_epochs > 0:
+    raise ValueError(f"config.num_epochs must be positive, got {config.num_epochs}")
+  if not 0 <= config.ema_decay < 1:
+    raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")

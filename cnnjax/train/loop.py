@@ -1,0 +1,379 @@
+"""`train_and_evaluate(config, workdir)`: the training loop, resumable from its workdir.
+
+The workdir holds `config.json` (the run's config; resuming with a different
+one is refused), `checkpoints/` (the last N steps), `best/` (the best by
+`config.best_metric`, when set), `metrics.jsonl` and `tensorboard/`.
+Checkpoints that cannot be read are moved to `unreadable_checkpoints/`.
+Starting a run in a workdir that has checkpoints resumes from the newest
+readable one: state, RNG and data position come back, and because batches
+and per-step keys are functions of the step, the resumed run computes exactly
+what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cnnjax import registry
+from cnnjax import data as data_lib
+from cnnjax.train import checkpoint as checkpoint_lib
+from cnnjax.train import config as config_lib
+from cnnjax.train import optim, steps
+from cnnjax.train.logs import MetricWriter
+
+log = logging.getLogger("cnnjax.train")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+class ConfigMismatchError(ValueError):
+  """The workdir belongs to a run with a different configuration."""
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """`jax.distributed.initialize` from `config.distributed` or JAX_* environment variables.
+
+  Does nothing for a single process. Must run before JAX touches a device.
+  """
+  settings = config.distributed
+  address = settings.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if not address:
+    return
+  from jax._src import distributed as jax_distributed  # noqa: PLC0415 - the only is-initialised probe
+
+  if jax_distributed.global_state.client is not None:
+    return
+  num_processes = settings.num_processes or int(os.environ["JAX_NUM_PROCESSES"])
+  process_id = settings.process_id
+  if process_id is None:
+    process_id = int(os.environ["JAX_PROCESS_ID"])
+  jax.distributed.initialize(address, num_processes=num_processes, process_id=process_id)
+
+
+def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  def walk(prefix, value):
+    if isinstance(value, dict):
+      for key, item in value.items():
+        yield from walk(f"{prefix}{key}.", item)
+    else:
+      yield prefix[:-1], value
+  return dict(walk("", json.loads(config.to_json())))
+
+
+def _check_or_write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  path = workdir / "config.json"
+  if path.exists():
+    saved = json.loads(path.read_text())
+    current = _flat(config)
+    changed = sorted(key for key in set(saved) | set(current)
+                     if saved.get(key) != current.get(key)
+                     and not key.startswith(config_lib.RESUMABLE_CHANGES))
+    if changed:
+      details = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:8])
+      raise ConfigMismatchError(
+          f"{workdir} holds a run with a different config ({details}). Resuming it with these "
+          "changes would mix two experiments; use a new --workdir, or restore the old values.")
+    return
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_flat(config), indent=1, sort_keys=True))
+    tmp.rename(path)
+
+
+@dataclasses.dataclass
+class _Run:
+  """Everything built from the config before the first step."""
+
+  model: Any
+  model_info: registry.ModelInfo
+  dataset: data_lib.DatasetInfo
+  train_batches: data_lib.TrainBatches
+  eval_batches: data_lib.EvalBatches
+  image_shape: tuple
+  total_steps: int
+  steps_per_epoch: int
+  eval_every: int
+  schedule: Any
+  tx: Any
+  step_config: steps.StepConfig
+
+
+def _prepare_dataset(config) -> data_lib.DatasetInfo:
+  name, data_dir = config.data.dataset, config.data.data_dir
+  if jax.process_count() == 1:
+    return data_lib.prepare(name, data_dir, progress=config.progress_bar)
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  if jax.process_index() == 0:  # one writer; the others wait for the prepared data
+    data_lib.prepare(name, data_dir, progress=config.progress_bar)
+  multihost_utils.sync_global_devices("cnnjax: dataset prepared")
+  return data_lib.info(name, data_dir, progress=False)
+
+
+def build(config: ml_collections.ConfigDict) -> _Run:
+  """The model, data pipelines, schedule and optimizer that `config` describes."""
+  dataset = _prepare_dataset(config)
+  num_classes = config.data.num_classes or dataset.num_classes
+  overrides = dict(config.model_overrides.to_dict())
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+  model = registry.create_model(config.model, num_classes=num_classes,
+                                dtype=DTYPES[config.dtype], **overrides)
+  info = registry.model_info(config.model)
+  image_size = config.data.image_size or getattr(model, "input_size", None) or info.input_size
+  channels = info.channels
+  preprocessing = data_lib.Preprocessing(
+      image_size=image_size, channels=channels,
+      mean=tuple(config.data.mean or info.mean), std=tuple(config.data.std or info.std),
+      interpolation=config.data.interpolation or info.interpolation,
+      train_crop=config.data.train_crop, crop_scale=tuple(config.data.crop_scale),
+      pad=config.data.pad, flip=config.data.flip,
+      rand_augment=((config.data.rand_augment_ops, config.data.rand_augment_magnitude)
+                    if config.data.rand_augment_ops else None),
+      crop_fraction=config.data.crop_fraction or info.crop_fraction)
+  sharding = data_lib.Sharding.from_jax()
+  if config.batch_size % jax.device_count():
+    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the number of "
+                     f"devices ({jax.device_count()})")
+  eval_batch = config.eval_batch_size or config.batch_size
+  if eval_batch % jax.device_count():
+    raise ValueError(f"config.eval_batch_size={eval_batch} must be divisible by the number of "
+                     f"devices ({jax.device_count()})")
+  train_source = data_lib.data_source(config.data.dataset, config.data.train_split,
+                                      config.data.data_dir)
+  eval_source = data_lib.data_source(config.data.dataset, config.data.eval_split,
+                                     config.data.data_dir)
+  train_batches = data_lib.TrainBatches(train_source, preprocessing, config.batch_size,
+                                        config.seed, sharding)
+  eval_batches = data_lib.EvalBatches(eval_source, preprocessing, eval_batch, sharding)
+  steps_per_epoch = train_batches.steps_per_epoch
+  total_steps = config.num_steps or max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
+  eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
+  o = config.optimizer
+  schedule = optim.schedule_shape(
+      o.schedule, total_steps, steps_per_epoch, warmup_epochs=o.warmup_epochs,
+      boundaries_epochs=tuple(o.boundaries_epochs), decay_factor=o.decay_factor,
+      decay_epochs=o.decay_epochs, decay_rate=o.decay_rate, final_fraction=o.final_fraction)
+  tx = optim.make_optimizer(
+      o.name, schedule, optim.peak_learning_rate(o.learning_rate, config.batch_size,
+                                                 o.scale_by_batch),
+      weight_decay=o.weight_decay, weight_decay_mode=o.weight_decay_mode, momentum=o.momentum,
+      nesterov=o.nesterov, rms_decay=o.rms_decay, eps=o.eps, b1=o.b1, b2=o.b2,
+      trust_coefficient=o.trust_coefficient, clip_norm=o.clip_norm)
+  step_config = steps.StepConfig(label_smoothing=config.label_smoothing,
+                                 aux_loss_weight=config.aux_loss_weight,
+                                 weight_decay_mode=o.weight_decay_mode, ema_decay=config.ema_decay,
+                                 ghost_batch_norm=config.ghost_batch_norm)
+  return _Run(model=model, model_info=info, dataset=dataset, train_batches=train_batches,
+              eval_batches=eval_batches, image_shape=(image_size, image_size, channels),
+              total_steps=total_steps, steps_per_epoch=steps_per_epoch, eval_every=eval_every,
+              schedule=schedule, tx=tx, step_config=step_config)
+
+
+class _Devices:
+  """The jit (Mesh) or pmap way of placing state and batches and calling the steps."""
+
+  def __init__(self, run: _Run, parallelism: str):
+    self.mesh = steps.make_mesh()
+    self.replicated = NamedSharding(self.mesh, P())
+    self.batch_sharding = NamedSharding(self.mesh, P(steps.DATA_AXIS))
+    self.pmap = parallelism == "pmap"
+    if self.pmap:
+      self.train, self.evaluate = steps.pmap_steps(run.model, run.tx, run.step_config)
+    else:
+      self.train, self.evaluate = steps.jit_steps(run.model, run.tx, run.step_config, self.mesh,
+                                                  run.schedule)
+    self.local_devices = jax.local_device_count()
+
+  def batches(self, iterator, prefetch: int):
+    if not self.pmap:
+      yield from data_lib.prefetch_to_device(iterator, self.batch_sharding, prefetch)
+      return
+    get_state = getattr(iterator, "get_state", lambda: None)
+    for batch in iterator:
+      split = {k: v.reshape((self.local_devices, -1) + v.shape[1:])
+               for k, v in batch.items() if k in ("image", "label", "mask")}
+      yield split, get_state()
+
+  def to_steps(self, state):
+    """The canonical (replicated global) state in the form the steps take."""
+    if not self.pmap:
+      return state
+    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x.addressable_data(0)),
+                                                  (self.local_devices,) + x.shape), state)
+
+  def from_steps(self, state):
+    """The steps' state back in canonical form (for checkpoints)."""
+    if not self.pmap:
+      return state
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        self.replicated, np.asarray(x.addressable_data(0))[0]), state)
+
+  def scalars(self, metrics) -> dict[str, float]:
+    metrics = jax.device_get(metrics)
+    if self.pmap:
+      metrics = jax.tree.map(lambda x: x[0], metrics)
+    return {k: float(v) for k, v in metrics.items()}
+
+  def compile(self, state, batch):
+    """AOT-compiles the train step for these shapes; (compiled, seconds)."""
+    start = time.perf_counter()
+    compiled = self.train.lower(state, batch).compile()
+    return compiled, time.perf_counter() - start
+
+
+def _evaluate(devices: _Devices, evaluate, state, run: _Run, config) -> dict[str, float]:
+  iterator = data_lib.eval_iterator(run.eval_batches, config.data.num_workers,
+                                    config.data.num_threads, config.data.prefetch)
+  totals = None
+  for batch, _ in devices.batches(iterator, config.data.prefetch):
+    sums = evaluate(state, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = devices.scalars(totals)
+  count = totals["count"]
+  return {"loss": totals["loss"] / count, "top1": totals["top1"] / count,
+          "top5": totals["top5"] / count, "count": count}
+
+
+def _check_finite(window: list[tuple[int, dict]], devices: _Devices) -> dict[str, float]:
+  """The mean of a window of per-step metrics; raises at the first non-finite loss."""
+  values = [(step, devices.scalars(m)) for step, m in window]
+  for step, metrics in values:
+    if not math.isfinite(metrics["loss"]):
+      raise NonFiniteLossError(
+          f"the training loss is {metrics['loss']} at step {step} (counting from 1). The run "
+          "stopped; the last checkpoint before it is kept. Lower the learning rate, add warmup or "
+          "gradient clipping (config.optimizer.clip_norm), or train in float32.")
+  keys = values[-1][1].keys()
+  mean = {k: float(np.mean([m[k] for _, m in values])) for k in keys}
+  mean["learning_rate"] = values[-1][1]["learning_rate"]
+  return mean
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+  """Trains `config.model` on `config.data.dataset`; returns the final evaluation metrics.
+
+  Resumes from `workdir` when it holds checkpoints of the same config.
+  """
+  config_lib.validate(config)
+  initialize_distributed(config)
+  workdir = pathlib.Path(workdir).expanduser().absolute()
+  _check_or_write_config(config, workdir)
+  run = build(config)
+  devices = _Devices(run, config.parallelism)
+
+  loss_scale = config.initial_loss_scale if config.dtype == "float16" else None
+  init = jax.jit(lambda: steps.create_state(run.model, run.tx, run.image_shape, config.seed,
+                                            ema=config.ema_decay > 0, loss_scale=loss_scale),
+                 out_shardings=devices.replicated)
+  state = init()
+  latest = checkpoint_lib.make_manager(workdir / "checkpoints", config.keep_checkpoints,
+                                       async_save=config.async_checkpoint)
+  best = (checkpoint_lib.make_manager(workdir / "best", 1, async_save=config.async_checkpoint)
+          if config.best_metric else None)
+  restored = checkpoint_lib.restore_latest(latest, checkpoint_lib.abstract_like(state),
+                                           quarantine=workdir / "unreadable_checkpoints")
+  data_state, best_value = None, None
+  if restored is not None:
+    step, state, extra = restored
+    data_state, best_value = extra.get("data_state"), extra.get("best_value")
+    log.info("resumed from step %d in %s", step, workdir)
+  start_step = int(jax.device_get(state.step))
+
+  writer = MetricWriter(workdir, run.total_steps, config.batch_size, start_step,
+                        tensorboard=config.tensorboard, progress_bar=config.progress_bar)
+  iterator = data_lib.train_iterator(run.train_batches, run.total_steps, config.data.num_workers,
+                                     config.data.num_threads, config.data.prefetch)
+  if data_state is not None:
+    iterator.set_state(data_state)
+  elif start_step:
+    iterator.set_state({"next_index": start_step})
+  stop_at = min(run.total_steps, config.stop_after_steps or run.total_steps)
+  step_state = devices.to_steps(state)
+  train_step, compile_seconds = None, 0.0
+  window: list[tuple[int, dict]] = []
+  train_metrics: dict = {}
+  eval_metrics: dict = {}
+  start_time = time.perf_counter()
+  images_seen = 0
+
+  def save(step: int, metrics: dict | None) -> None:
+    nonlocal best_value
+    canonical = devices.from_steps(step_state)
+    if not bool(_all_finite(canonical.params)):
+      raise NonFiniteLossError(
+          f"the parameters became non-finite at step {step}; the run stopped without saving "
+          "them, the last checkpoint before it is kept. Lower the learning rate, add warmup or "
+          "gradient clipping (config.optimizer.clip_norm), or train in float32.")
+    extra = {"step": step, "data_state": current_data_state, "config": _flat(config)}
+    if best is not None and metrics and config.best_metric in metrics:
+      value = metrics[config.best_metric]
+      lower_is_better = config.best_metric == "loss"
+      if best_value is None or (value < best_value if lower_is_better else value > best_value):
+        best_value = value
+        checkpoint_lib.save(best, step, canonical, {**extra, "best_value": best_value}, metrics)
+    checkpoint_lib.save(latest, step, canonical, {**extra, "best_value": best_value})
+
+  current_data_state = data_state
+  try:
+    step = start_step
+    if step < stop_at:
+      batches = devices.batches(iterator, config.data.prefetch)
+      for batch, current_data_state in batches:
+        if train_step is None:
+          train_step, compile_seconds = devices.compile(step_state, batch)
+          writer.write(step, "compile", {"train_step_seconds": compile_seconds})
+          writer.reset_timer(step)
+        step_state, metrics = train_step(step_state, batch)
+        step += 1
+        images_seen += config.batch_size
+        window.append((step, metrics))
+        boundary = step % run.eval_every == 0 or step == stop_at
+        if step % config.log_every_steps == 0 or boundary:
+          train_metrics = writer.train_progress(step, _check_finite(window, devices))
+          writer.write(step, "train", train_metrics)
+          window = []
+        if boundary:
+          eval_metrics = _evaluate(devices, devices.evaluate, step_state, run, config)
+          writer.write(step, "eval", eval_metrics)
+          save(step, eval_metrics)
+          writer.reset_timer(step)
+        if step >= stop_at:
+          break
+    if not eval_metrics:  # nothing left to train: evaluate what the workdir holds
+      eval_metrics = _evaluate(devices, devices.evaluate, step_state, run, config)
+      writer.write(step, "eval", eval_metrics)
+  finally:
+    latest.wait_until_finished()
+    if best is not None:
+      best.wait_until_finished()
+    writer.close()
+  train_seconds = time.perf_counter() - start_time
+  result = {"step": step, "total_steps": run.total_steps, **eval_metrics,
+            "train_loss": train_metrics.get("data_loss", float("nan")),
+            "train_accuracy": train_metrics.get("accuracy", float("nan")),
+            "compile_seconds": compile_seconds, "train_seconds": train_seconds,
+            "images_per_second": images_seen / train_seconds if images_seen else float("nan")}
+  return result

@@ -1,0 +1,210 @@
+"""The training loop end to end: accuracy, exact resume, device counts, several processes."""
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from cnnjax import train
+from cnnjax.train import loop
+from cnnjax.train.logs import read_metrics
+
+HERE = pathlib.Path(__file__).parent
+WORKER = HERE / "train_worker.py"
+
+# A tiny run on the embedded digits: 16x16 inputs keep the last stage's maps at 4x4.
+TINY = {"data.image_size": 16, "data.train_crop": "pad_crop", "data.pad": 2, "data.mean": [0.5],
+        "data.std": [0.5], "data.flip": False, "model_overrides.widths": [8, 8, 16], "batch_size": 32,
+        "optimizer.learning_rate": 0.02, "optimizer.schedule": "constant", "progress_bar": False}
+
+
+def _worker(workdir, overrides, devices=1, process=None, wait=True):
+  command = [sys.executable, str(WORKER), str(workdir), json.dumps(overrides), str(devices)]
+  if process is not None:
+    command += [str(p) for p in process]
+  env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+  proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  if not wait:
+    return proc
+  output, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, output[-4000:]
+  return output
+
+
+def _params(workdir, process=0):
+  with np.load(pathlib.Path(workdir) / f"params-{process}.npz") as npz:
+    return {k: npz[k] for k in npz.files}
+
+
+def _max_diff(a, b):
+  assert a.keys() == b.keys()
+  return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+def _config(overrides):
+  config = train.default_config()
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = tuple(value) if isinstance(value, list) else value
+  return config
+
+
+def test_small_resnet_reaches_95_percent_on_digits_and_keeps_the_best(digits_data_dir, tmp_path):
+  config = _config({**TINY, "data.data_dir": str(digits_data_dir), "optimizer.learning_rate": 0.1,
+                    "optimizer.schedule": "cosine", "num_epochs": 10.0, "batch_size": 64,
+                    "model_overrides.widths": [8, 16, 32],
+                    "best_metric": "top1", "eval_every_epochs": 2.0})
+  result = train.train_and_evaluate(config, tmp_path)
+  assert result["count"] == 360  # the whole test split, counted once
+  assert result["top1"] >= 0.95, result
+  records = read_metrics(tmp_path / "metrics.jsonl")
+  evals = [r for r in records if r["split"] == "eval"]
+  assert [r["step"] for r in evals] == [44, 88, 132, 176, 220]
+  assert any(r["split"] == "compile" and r["train_step_seconds"] > 0 for r in records)
+  assert all(np.isfinite(r["loss"]) and r["images_per_second"] > 0
+             for r in records if r["split"] == "train")
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  best_step = max(evals, key=lambda r: r["top1"])["step"]
+  assert [p.name for p in (tmp_path / "best").iterdir() if p.name.isdigit()] == [str(best_step)]
+  kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert kept == [176, 220]  # keep_checkpoints = 2
+  # Started again, the finished run only evaluates what it holds.
+  again = train.train_and_evaluate(config, tmp_path)
+  assert again["step"] == 220 and again["top1"] == pytest.approx(result["top1"])
+
+
+@pytest.fixture(scope="module")
+def reference_run(digits_data_dir, tmp_path_factory):
+  """An uninterrupted 1-device run: 40 steps, a checkpoint every 4."""
+  workdir = tmp_path_factory.mktemp("reference")
+  overrides = {**TINY, "data.data_dir": str(digits_data_dir), "num_steps": 40,
+               "eval_every_epochs": 4 / 44}
+  _worker(workdir, overrides)
+  return workdir, overrides
+
+
+def _committed_steps(directory: pathlib.Path):
+  if not directory.exists():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def test_a_run_killed_with_sigkill_resumes_to_exactly_the_same_params(reference_run, tmp_path):
+  reference, overrides = reference_run
+  proc = _worker(tmp_path, overrides, wait=False)
+  deadline = time.time() + 300
+  while not _committed_steps(tmp_path / "checkpoints") and time.time() < deadline:
+    assert proc.poll() is None, proc.stdout.read()[-4000:]
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (tmp_path / "result-0.json").exists()  # it really died in the middle
+  assert max(_committed_steps(tmp_path / "checkpoints")) < 40
+  _worker(tmp_path, overrides)
+  assert json.loads((tmp_path / "result-0.json").read_text())["step"] == 40
+  expected, resumed = _params(reference), _params(tmp_path)
+  assert all(np.array_equal(expected[k], resumed[k]) for k in expected)
+  assert any(r.get("event") == "resume" for r in map(json.loads, open(tmp_path / "metrics.jsonl")))
+
+
+def test_a_corrupt_newest_checkpoint_resumes_from_the_one_before(reference_run, tmp_path):
+  reference, overrides = reference_run
+  workdir = tmp_path / "run"
+  shutil.copytree(reference, workdir)
+  for path in (workdir / "checkpoints" / "40").rglob("*"):
+    if path.is_file() and "state" in path.parts:
+      path.write_bytes(b"\x00not a checkpoint")
+  output = _worker(workdir, overrides)
+  assert "step 40" in output and "cannot be restored" in output
+  assert any((workdir / "unreadable_checkpoints").iterdir())  # moved aside, not deleted
+  # Resumed from step 36 and retrained the last 4 steps to the same params.
+  assert _max_diff(_params(reference), _params(workdir)) == 0.0
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  assert {"event": "resume", "step": 36} in records
+
+
+def test_a_checkpoint_restores_onto_a_different_device_count(reference_run, tmp_path):
+  reference, overrides = reference_run
+  # Step 36 of the 1-device reference run, continued for one step on 4 devices and on 1.
+  for name in ("four", "one"):
+    shutil.copytree(reference, tmp_path / name)
+    shutil.rmtree(tmp_path / name / "checkpoints" / "40")  # this test's own copy
+  _worker(tmp_path / "four", {**overrides, "stop_after_steps": 37}, devices=4)
+  _worker(tmp_path / "one", {**overrides, "stop_after_steps": 37})
+  four = json.loads((tmp_path / "four" / "result-0.json").read_text())
+  assert four["devices"] == 4 and four["checkpoint_step"] == 37
+  records = [json.loads(line) for line in open(tmp_path / "four" / "metrics.jsonl")]
+  assert {"event": "resume", "step": 36} in records
+  # Only the order of the cross-device reductions differs.
+  assert _max_diff(_params(tmp_path / "one"), _params(tmp_path / "four")) < 1e-5
+
+
+def _free_port():
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
+
+
+def test_two_processes_train_identically_to_one(digits_data_dir, tmp_path):
+  overrides = {**TINY, "data.data_dir": str(digits_data_dir), "num_steps": 3}
+  port = _free_port()
+  procs = [_worker(tmp_path / "two", overrides, process=(i, 2, port), wait=False) for i in range(2)]
+  for proc in procs:
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-4000:]
+  _worker(tmp_path / "one", overrides)
+  first, second = _params(tmp_path / "two", 0), _params(tmp_path / "two", 1)
+  assert all(np.array_equal(first[k], second[k]) for k in first)  # bit-identical replicas
+  results = [json.loads((tmp_path / "two" / f"result-{i}.json").read_text()) for i in range(2)]
+  assert [r["processes"] for r in results] == [2, 2] and results[0]["count"] == 360
+  single = _params(tmp_path / "one")
+  assert _max_diff(first, single) < 1e-5
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(digits_data_dir, tmp_path):
+  # The learning rate grows 1e9-fold every 3 steps: training diverges a few steps in.
+  config = _config({**TINY, "data.data_dir": str(digits_data_dir), "num_steps": 30,
+                    "optimizer.schedule": "exponential", "optimizer.decay_rate": 1e9,
+                    "optimizer.decay_epochs": 3 / 44, "eval_every_epochs": 2 / 44,
+                    "log_every_steps": 1})
+  with pytest.raises(train.NonFiniteLossError, match=r"at step (\d+)") as error:
+    train.train_and_evaluate(config, tmp_path)
+  bad_step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
+  kept = _committed_steps(tmp_path / "checkpoints")
+  assert 3 < bad_step < 30 and kept and max(kept) < bad_step
+
+
+def test_resuming_with_a_different_config_is_refused(tmp_path):
+  config = train.default_config()
+  loop._check_or_write_config(config, tmp_path)
+  changed = train.default_config()
+  changed.model = "resnet32"
+  with pytest.raises(loop.ConfigMismatchError, match="model: 'resnet20' -> 'resnet32'"):
+    loop._check_or_write_config(changed, tmp_path)
+  harmless = train.default_config()
+  harmless.progress_bar = False
+  harmless.data.num_workers = 2
+  loop._check_or_write_config(harmless, tmp_path)  # how a run is run may change
+  assert json.loads((tmp_path / "config.json").read_text())["model"] == "resnet20"
+
+
+def test_config_typos_name_the_key():
+  config = train.default_config()
+  with pytest.raises(AttributeError, match="lerning_rate"):
+    config.optimizer.lerning_rate = 0.1
+  config.dtype = "float8"
+  with pytest.raises(ValueError, match="config.dtype must be one of"):
+    train.train_and_evaluate(config, "/nonexistent/never/created")

@@ -1,0 +1,60 @@
+"""Runs `train_and_evaluate` in a fresh process for the loop tests.
+
+    python train_worker.py WORKDIR CONFIG_JSON [DEVICES [PROCESS_ID NUM_PROCESSES PORT]]
+
+CONFIG_JSON holds overrides of `default_config()` as dotted keys. The worker
+writes `params-<process>.npz` (the final params and batch_stats, flattened)
+and `result-<process>.json` into WORKDIR.
+"""
+
+import json
+import os
+import sys
+
+devices = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + f" --xla_force_host_platform_device_count={devices}")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+if os.environ.get("CNNJAX_TEST_CACHE"):
+  jax.config.update("jax_compilation_cache_dir", os.environ["CNNJAX_TEST_CACHE"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+from cnnjax import train  # noqa: E402
+from cnnjax.train import checkpoint as checkpoint_lib  # noqa: E402
+
+
+def main():
+  workdir, overrides = sys.argv[1], json.loads(sys.argv[2])
+  config = train.default_config()
+  if len(sys.argv) > 4:
+    process_id, num_processes, port = map(int, sys.argv[4:7])
+    config.distributed.coordinator_address = f"127.0.0.1:{port}"
+    config.distributed.num_processes = num_processes
+    config.distributed.process_id = process_id
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = tuple(value) if isinstance(value, list) else value
+  result = train.train_and_evaluate(config, workdir)
+  # The final state, read back from the newest checkpoint like any resumed run would.
+  manager = checkpoint_lib.make_manager(os.path.join(workdir, "checkpoints"), async_save=False)
+  step = manager.latest_step()
+  restored = manager.restore(step)
+  state = restored["state"]
+  flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
+          for field in ("params", "batch_stats")
+          for path, leaf in jax.tree_util.tree_flatten_with_path({field: state[field]})[0]}
+  index = jax.process_index()
+  np.savez(os.path.join(workdir, f"params-{index}.npz"), **flat)
+  with open(os.path.join(workdir, f"result-{index}.json"), "w") as handle:
+    json.dump({**result, "checkpoint_step": int(step), "devices": jax.device_count(),
+               "processes": jax.process_count()}, handle)
+
+
+if __name__ == "__main__":
+  main()
