@@ -158,7 +158,7 @@ def _free_port():
     return sock.getsockname()[1]
 
 
-def test_two_processes_train_identically_to_one(digits_data_dir, tmp_path):
+def test_two_processes_and_pmap_train_identically_to_one_device(digits_data_dir, tmp_path):
   overrides = {**TINY, "data.data_dir": str(digits_data_dir), "num_steps": 3}
   port = _free_port()
   procs = [_worker(tmp_path / "two", overrides, process=(i, 2, port), wait=False) for i in range(2)]
@@ -172,6 +172,12 @@ def test_two_processes_train_identically_to_one(digits_data_dir, tmp_path):
   assert [r["processes"] for r in results] == [2, 2] and results[0]["count"] == 360
   single = _params(tmp_path / "one")
   assert _max_diff(first, single) < 1e-5
+  train_records = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")
+                   if '"train"' in line]
+  assert [r["step"] for r in train_records] == [3]  # process 1 wrote no logs
+  # The pmap path of the loop, on two devices of one process, computes the same.
+  _worker(tmp_path / "pmap", {**overrides, "parallelism": "pmap"}, devices=2)
+  assert _max_diff(_params(tmp_path / "pmap"), single) < 1e-5
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step(digits_data_dir, tmp_path):

@@ -216,15 +216,21 @@ class _Devices:
     """The canonical (replicated global) state in the form the steps take."""
     if not self.pmap:
       return state
-    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x.addressable_data(0)),
-                                                  (self.local_devices,) + x.shape), state)
+    per_device = NamedSharding(steps.make_mesh(jax.local_devices()), P(steps.DATA_AXIS))
+    return jax.device_put(jax.tree.map(lambda x: jnp.broadcast_to(
+        x.addressable_data(0), (self.local_devices,) + x.shape), state), per_device)
 
   def from_steps(self, state):
     """The steps' state back in canonical form (for checkpoints)."""
     if not self.pmap:
       return state
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-        self.replicated, np.asarray(x.addressable_data(0))[0]), state)
+    return jax.tree.map(lambda x: self._replicate(x[0]), state)
+
+  def _replicate(self, local):
+    if jax.dtypes.issubdtype(local.dtype, jax.dtypes.prng_key):
+      data = self._replicate(jax.random.key_data(local))
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(local))
+    return jax.make_array_from_process_local_data(self.replicated, np.asarray(local))
 
   def scalars(self, metrics) -> dict[str, float]:
     metrics = jax.device_get(metrics)
