@@ -96,7 +96,7 @@ def _not_prepared(name: str, data_dir: pathlib.Path, detail: str = "") -> Datase
 
 
 def builder(name: str, data_dir: str | os.PathLike | None = None, prepare: bool = True,
-            progress: bool = True):
+            progress: bool = True, backend: str = "grain"):
   """The TFDS builder for `name`, its data prepared in `data_dir` as array_record.
 
   Embedded and folder datasets are prepared on first use (`prepare=True`);
@@ -115,8 +115,14 @@ def builder(name: str, data_dir: str | os.PathLike | None = None, prepare: bool 
       raise _unknown(name, data_dir) from None
     except ValueError as error:  # e.g. an unknown config of a known dataset
       raise DatasetError(f"dataset {name!r}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - e.g. a damaged dataset_info.json
+      raise DatasetError(
+          f"the prepared data of {name!r} under {data_dir} cannot be read "
+          f"({type(error).__name__}: {str(error)[:300]}). Move that dataset's directory aside and "
+          "prepare it again; cnnjax will not delete it.") from error
   if _is_prepared(dataset_builder):
-    _check_format(name, dataset_builder, data_dir)
+    if backend == "grain":
+      _check_format(name, dataset_builder, data_dir)
     return dataset_builder
   if _base_name(name) not in embedded_names() and not name.startswith(FOLDER_PREFIX):
     raise _not_prepared(name, data_dir)
@@ -160,33 +166,68 @@ def _prepare(dataset_builder, progress: bool) -> None:
       tfds.enable_progress_bar()
 
 
-def prepare(name: str, data_dir: str | os.PathLike | None = None, progress: bool = True) -> DatasetInfo:
+def prepare(name: str, data_dir: str | os.PathLike | None = None, progress: bool = True,
+            backend: str = "grain") -> DatasetInfo:
   """Prepares `name` if it is embedded and missing; returns its info either way."""
-  return info(name, data_dir, progress=progress)
+  return info(name, data_dir, progress=progress, backend=backend)
 
 
-def info(name: str, data_dir: str | os.PathLike | None = None, progress: bool = True) -> DatasetInfo:
-  dataset_builder = builder(name, data_dir, progress=progress)
+def info(name: str, data_dir: str | os.PathLike | None = None, progress: bool = True,
+         backend: str = "grain") -> DatasetInfo:
+  dataset_builder = builder(name, data_dir, progress=progress, backend=backend)
   features = dataset_builder.info.features
   if "image" not in features or "label" not in features:
     raise DatasetError(f"dataset {name!r} has features {sorted(features.keys())}; cnnjax needs "
                        "'image' and 'label'")
   label = features["label"]
   splits = {split: int(value.num_examples) for split, value in dataset_builder.info.splits.items()}
-  if not any(splits.values()):
+  if splits and not any(splits.values()):
     raise DatasetError(f"dataset {name!r} under {dataset_builder.data_dir} has no examples")
   return DatasetInfo(name=name, num_classes=int(label.num_classes),
                      image_shape=tuple(features["image"].shape), splits=splits,
                      class_names=tuple(getattr(label, "names", ()) or ()))
 
 
-def data_source(name: str, split: str, data_dir: str | os.PathLike | None = None):
-  """A random-access source of {'image': uint8 HWC, 'label': int} examples."""
+BACKENDS = ("grain", "tf")
+
+
+def data_source(name: str, split: str, data_dir: str | os.PathLike | None = None,
+                backend: str = "grain"):
+  """A random-access source of {'image': uint8 HWC, 'label': int} examples.
+
+  `backend="grain"` (default) reads array_record with `tfds.data_source`, no
+  TensorFlow. `backend="tf"` reads a dataset prepared in TFDS's default
+  tfrecord form with `tfds.load` + `tfds.as_numpy` and holds the split in
+  memory (fine for CIFAR-sized data); it needs TensorFlow (`pip install
+  'cnnjax[tf]'`). Both give the same examples in the same order.
+  """
+  if backend not in BACKENDS:
+    raise DatasetError(f"data backend must be one of {BACKENDS}, got {backend!r}")
+  if backend == "tf":
+    return _tf_source(name, split, data_dir)
   dataset_builder = builder(name, data_dir)
   available = list(dataset_builder.info.splits.keys())
-  if split.split("[")[0] not in available:
+  if available and split.split("[")[0] not in available:
     raise DatasetError(f"dataset {name!r} has no split {split!r}; it has {available}")
   return dataset_builder.as_data_source(split=split)
+
+
+def _tf_source(name: str, split: str, data_dir) -> ArraySource:
+  try:
+    import tensorflow  # noqa: F401, PLC0415
+  except ImportError:
+    raise DatasetError("data backend 'tf' needs TensorFlow, which is not installed: "
+                       "pip install 'cnnjax[tf]', or use the default backend 'grain'") from None
+  tfds = _tfds()
+  data_dir = resolve_data_dir(data_dir)
+  try:
+    dataset = tfds.load(name, split=split, data_dir=str(data_dir), download=False,
+                        shuffle_files=False)
+  except (AssertionError, FileNotFoundError) as error:
+    raise _not_prepared(name, data_dir, f" ({error})") from None
+  examples = list(tfds.as_numpy(dataset))
+  return ArraySource(np.stack([e["image"] for e in examples]),
+                     np.asarray([e["label"] for e in examples]))
 
 
 class ArraySource:

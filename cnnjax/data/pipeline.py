@@ -53,10 +53,14 @@ def _stack(examples: list[dict], images: list[np.ndarray]) -> dict[str, np.ndarr
 
 
 def _read(source, indices) -> list[dict]:
+  keys = [int(i) for i in indices]
   getitems = getattr(source, "__getitems__", None)
-  if getitems is not None:
-    return list(getitems([int(i) for i in indices]))
-  return [source[int(i)] for i in indices]
+  if getitems is not None:  # one batched read where the source has it (array_record does)
+    try:
+      return list(getitems(keys))
+    except TypeError:  # tfds.testing.mock_data's __getitems__ is unbound; read one by one
+      pass
+  return [source[k] for k in keys]
 
 
 class TrainBatches:

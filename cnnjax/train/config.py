@@ -26,6 +26,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "digits"
   c.data.data_dir = config_dict.placeholder(str)
+  c.data.backend = "grain"  # grain (array_record, no TensorFlow) | tf (tfds.load, needs TF)
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.num_classes = config_dict.placeholder(int)

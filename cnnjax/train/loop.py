@@ -117,15 +117,15 @@ class _Run:
 
 
 def _prepare_dataset(config) -> data_lib.DatasetInfo:
-  name, data_dir = config.data.dataset, config.data.data_dir
+  name, data_dir, backend = config.data.dataset, config.data.data_dir, config.data.backend
   if jax.process_count() == 1:
-    return data_lib.prepare(name, data_dir, progress=config.progress_bar)
+    return data_lib.prepare(name, data_dir, progress=config.progress_bar, backend=backend)
   from jax.experimental import multihost_utils  # noqa: PLC0415
 
   if jax.process_index() == 0:  # one writer; the others wait for the prepared data
-    data_lib.prepare(name, data_dir, progress=config.progress_bar)
+    data_lib.prepare(name, data_dir, progress=config.progress_bar, backend=backend)
   multihost_utils.sync_global_devices("cnnjax: dataset prepared")
-  return data_lib.info(name, data_dir, progress=False)
+  return data_lib.info(name, data_dir, progress=False, backend=backend)
 
 
 def build(config: ml_collections.ConfigDict) -> _Run:
@@ -157,9 +157,9 @@ def build(config: ml_collections.ConfigDict) -> _Run:
     raise ValueError(f"config.eval_batch_size={eval_batch} must be divisible by the number of "
                      f"devices ({jax.device_count()})")
   train_source = data_lib.data_source(config.data.dataset, config.data.train_split,
-                                      config.data.data_dir)
+                                      config.data.data_dir, config.data.backend)
   eval_source = data_lib.data_source(config.data.dataset, config.data.eval_split,
-                                     config.data.data_dir)
+                                     config.data.data_dir, config.data.backend)
   train_batches = data_lib.TrainBatches(train_source, preprocessing, config.batch_size,
                                         config.seed, sharding)
   eval_batches = data_lib.EvalBatches(eval_source, preprocessing, eval_batch, sharding)
