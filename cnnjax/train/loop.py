@@ -324,6 +324,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   eval_metrics: dict = {}
   start_time = time.perf_counter()
   images_seen = 0
+  stepping_seconds = 0.0  # time in training steps: no compile, evaluation or checkpoints
+  stepping_since = None
 
   def save(step: int, metrics: dict | None) -> None:
     nonlocal best_value
@@ -352,6 +354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           train_step, compile_seconds = devices.compile(step_state, batch)
           writer.write(step, "compile", {"train_step_seconds": compile_seconds})
           writer.reset_timer(step)
+          stepping_since = time.perf_counter()
         step_state, metrics = train_step(step_state, batch)
         step += 1
         images_seen += config.batch_size
@@ -362,10 +365,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           writer.write(step, "train", train_metrics)
           window = []
         if boundary:
+          # _check_finite fetched this step's metrics: the step has finished.
+          stepping_seconds += time.perf_counter() - stepping_since
           eval_metrics = _evaluate(devices, devices.evaluate, step_state, run, config)
           writer.write(step, "eval", eval_metrics)
           save(step, eval_metrics)
           writer.reset_timer(step)
+          stepping_since = time.perf_counter()
         if step >= stop_at:
           break
     if not eval_metrics:  # nothing left to train: evaluate what the workdir holds
@@ -381,5 +387,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             "train_loss": train_metrics.get("data_loss", float("nan")),
             "train_accuracy": train_metrics.get("accuracy", float("nan")),
             "compile_seconds": compile_seconds, "train_seconds": train_seconds,
-            "images_per_second": images_seen / train_seconds if images_seen else float("nan")}
+            "images_per_second": (images_seen / stepping_seconds if images_seen and stepping_seconds
+                                  else float("nan"))}
   return result

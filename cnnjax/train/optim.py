@@ -51,7 +51,8 @@ def schedule_shape(name: str, total_steps: int, steps_per_epoch: int, warmup_epo
                      f"{steps_per_epoch}")
   warmup = int(round(warmup_epochs * steps_per_epoch))
   if warmup >= total_steps and warmup > 0:
-    raise ValueError(f"warmup ({warmup} steps) must be shorter than training ({total_steps} steps)")
+    raise ValueError(f"warmup ({warmup} steps from warmup_epochs={warmup_epochs}) must be shorter than "
+                     f"training ({total_steps} steps)")
   if name == "constant":
     decay = optax.constant_schedule(1.0)
   elif name == "multistep":

@@ -1,0 +1,1 @@
+"""Experiments: sweeps of training trials, EfficientNet compound scaling, the classic claims."""

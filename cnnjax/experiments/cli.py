@@ -1,0 +1,115 @@
+"""The command line behind `python -m experiments.run`.
+
+    python -m experiments.run                       # the default experiment (quickstart)
+    python -m experiments.run --list                # every experiment, one line each
+    python -m experiments.run --config experiments/configs/degradation.py:smoke \\
+        --config.train.num_epochs=2 --workdir runs/try
+    python -m experiments.run --config experiments/configs/efficientnet_scaling.py --trial 3
+
+Configs are locked `ml_collections` ConfigDicts: `--config.<key>=<value>`
+overrides any field, and a key that does not exist is an error that names it.
+This module sets JAX's persistent compilation cache: it is an entry point.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import shlex
+import sys
+
+from absl import flags
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "configs"
+DEFAULT_EXPERIMENT = "quickstart"
+
+
+def experiment_files() -> dict[str, pathlib.Path]:
+  return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.py")) if not p.stem.startswith("_")}
+
+
+def _first_docstring_line(path: pathlib.Path) -> str:
+  spec = importlib.util.spec_from_file_location(f"_cnnjax_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return (module.__doc__ or "").strip().splitlines()[0]
+
+
+def list_experiments() -> str:
+  lines = []
+  for name, path in experiment_files().items():
+    marker = " (default)" if name == DEFAULT_EXPERIMENT else ""
+    lines.append(f"{name:22s}{_first_docstring_line(path)}{marker}")
+  return "\n".join(lines)
+
+
+def _define_flags(argv: list[str]) -> flags.FlagValues:
+  from ml_collections import config_flags  # noqa: PLC0415
+
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+      "config", str(CONFIG_DIR / f"{DEFAULT_EXPERIMENT}.py"),
+      "experiment config: experiments/configs/<name>.py[:variant]", flag_values=values,
+      lock_config=True)
+  flags.DEFINE_string("workdir", None, "where the run lives (default runs/<experiment>[-variant])",
+                      flag_values=values)
+  flags.DEFINE_bool("list", False, "list the experiments and exit", flag_values=values)
+  flags.DEFINE_integer("trial", None, "run only this trial of a sweep", flag_values=values)
+  flags.DEFINE_string("cache_dir", os.path.expanduser("~/.cache/cnnjax/jax-cache"),
+                      "JAX persistent compilation cache ('' disables it)", flag_values=values)
+  values(argv)
+  return values
+
+
+def _config_argument(argv: list[str]) -> str:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return str(CONFIG_DIR / f"{DEFAULT_EXPERIMENT}.py")
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv if argv is None else ["experiments.run", *argv])
+  if "--list" in argv[1:]:
+    print(list_experiments())
+    return 0
+  try:
+    values = _define_flags(argv)
+  except flags.Error as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  config = values.config
+  if values.cache_dir:
+    import jax  # noqa: PLC0415
+
+    jax.config.update("jax_compilation_cache_dir", values.cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  import logging  # noqa: PLC0415
+
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  from cnnjax.experiments import kinds  # noqa: PLC0415
+
+  config_path = _config_argument(argv)
+  variant = config_path.split(":", 1)[1] if ":" in config_path else None
+  name = config.name + (f"-{variant}" if variant and variant != "full" else "")
+  workdir = pathlib.Path(values.workdir or pathlib.Path("runs") / name).absolute()
+  command = "python -m experiments.run " + " ".join(shlex.quote(a) for a in argv[1:])
+  print(f"experiment {config.name}{f' ({variant})' if variant else ''}: {config.description}")
+  print(f"workdir {workdir}", flush=True)
+  outcome = kinds.run(config, workdir, values.trial, command.strip())
+  rows = outcome["rows"]
+  failed = [r for r in rows if r.get("status") == "failed"]
+  finished = [r for r in rows if r.get("accuracy") is not None]
+  if len(rows) == 1 and finished:
+    print(f"final test accuracy: {100 * finished[0]['accuracy']:.2f}% "
+          f"({finished[0].get('eval_examples', '')} test images)")
+  else:
+    print(f"{len(finished)} of {len(rows)} trials finished"
+          + (f", {len(failed)} failed" if failed else ""))
+    for row in finished:
+      print(f"  {row['name']}: {100 * row['accuracy']:.2f}%")
+  print(f"results: {workdir / 'results.csv'}, report: {outcome['report']}")
+  return 1 if failed else 0

@@ -1,0 +1,132 @@
+"""Sweeps: trials as data, each in its own subdirectory, resumable, failures recorded.
+
+A trial is `Trial(name, overrides, info)`: `overrides` are dotted keys applied
+to the experiment's base training config; `info` is whatever the report needs
+(method, coefficients, …). Trial `k` runs in `workdir/trials/<k>-<name>/` with
+its own config, checkpoints, metrics and `status.json`. Running a sweep again
+skips finished trials, resumes interrupted ones from their checkpoints (the
+training loop does that) and retries failed ones; a failure is recorded with
+its error and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+log = logging.getLogger("cnnjax.experiments")
+
+DONE, FAILED, RUNNING = "done", "failed", "running"
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+  name: str
+  overrides: dict
+  info: dict = dataclasses.field(default_factory=dict)
+
+
+def apply_overrides(base: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """A copy of `base` with dotted-key overrides; an unknown key is an error naming it."""
+  config = copy.deepcopy(base)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      if parent not in node:
+        raise KeyError(f"trial override {key!r}: no field {parent!r} in the training config")
+      node = node[parent]
+    if isinstance(value, list):
+      value = tuple(value)
+    try:
+      node[leaf] = value
+    except (AttributeError, KeyError) as error:
+      raise KeyError(f"trial override {key!r}: {error}") from None
+  return config
+
+
+def trial_dir(workdir: pathlib.Path, index: int, trial: Trial) -> pathlib.Path:
+  return workdir / "trials" / f"{index:03d}-{trial.name}"
+
+
+def read_status(directory: pathlib.Path) -> dict | None:
+  path = directory / "status.json"
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def _write_status(directory: pathlib.Path, status: dict) -> None:
+  directory.mkdir(parents=True, exist_ok=True)
+  tmp = directory / "status.json.tmp"
+  tmp.write_text(json.dumps(status, indent=1, default=str))
+  os.replace(tmp, directory / "status.json")
+
+
+def run_trial(base: ml_collections.ConfigDict, workdir: pathlib.Path, index: int, trial: Trial,
+              measure=None) -> dict:
+  """Runs (or skips, when done) trial `index`; returns its status record.
+
+  `measure(config)` adds static facts about the trial's model (parameters,
+  FLOPs) to the record; it runs before training so they exist even if training fails.
+  """
+  from cnnjax.train import train_and_evaluate  # noqa: PLC0415 - keeps `--list` light
+
+  directory = trial_dir(workdir, index, trial)
+  status = read_status(directory)
+  if status is not None and status["status"] == DONE:
+    return status
+  record = {"index": index, "name": trial.name, "info": trial.info, "overrides": trial.overrides,
+            "status": RUNNING, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+  _write_status(directory, record)
+  start = time.perf_counter()
+  try:
+    config = apply_overrides(base, trial.overrides)
+    if measure is not None:
+      record["measured"] = measure(config)
+    result = train_and_evaluate(config, directory)
+  except Exception as error:  # noqa: BLE001 - a failing trial must not stop the sweep
+    record.update(status=FAILED, error=f"{type(error).__name__}: {error}",
+                  traceback=traceback.format_exc(), seconds=time.perf_counter() - start)
+    log.error("trial %d (%s) failed: %s", index, trial.name, record["error"])
+  else:
+    record.update(status=DONE, result=result, seconds=time.perf_counter() - start)
+  _write_status(directory, record)
+  return record
+
+
+def run_sweep(base: ml_collections.ConfigDict, workdir: pathlib.Path, trials: Sequence[Trial],
+              only: int | None = None, measure=None, first_index: int = 0) -> list[dict]:
+  """Runs every trial (or just `only`), returns every trial's status record in order."""
+  records = []
+  for offset, trial in enumerate(trials):
+    index = first_index + offset
+    if only is not None and index != only:
+      status = read_status(trial_dir(workdir, index, trial))
+      records.append(status or {"index": index, "name": trial.name, "info": trial.info,
+                                "overrides": trial.overrides, "status": "pending"})
+      continue
+    print(f"[trial {index}] {trial.name}", flush=True)
+    records.append(run_trial(base, workdir, index, trial, measure))
+  return records
+
+
+def summary_rows(records: Sequence[dict], columns: Sequence[str]) -> list[dict[str, Any]]:
+  """One flat row per trial: its info, measured facts and result, in `columns` order."""
+  rows = []
+  for record in records:
+    flat = {"trial": record["index"], "name": record["name"], "status": record["status"],
+            **record.get("info", {}), **record.get("measured", {})}
+    result = record.get("result") or {}
+    flat.update(accuracy=result.get("top1"), train_accuracy=result.get("train_accuracy"),
+                train_seconds=record.get("seconds"), error=record.get("error"))
+    rows.append({c: flat.get(c) for c in columns})
+  return rows

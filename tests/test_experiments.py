@@ -1,0 +1,183 @@
+"""`python -m experiments.run`: every smoke variant, config errors, sweeps that resume and fail well."""
+
+import csv
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import ml_collections
+import pytest
+
+from cnnjax.experiments import cli, kinds, scaling
+from cnnjax.experiments.sweep import read_status
+from cnnjax.train import default_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "experiments" / "configs"
+
+# What each experiment promises besides results.csv/json and report.md.
+PROMISED = {
+    "quickstart": [],
+    "degradation": ["training_error.png"],
+    "depthwise": ["cost_ratio.json"],
+    "efficientnet_scaling": ["grid_search.png", "accuracy_vs_flops.png"],
+    "zoo": [],
+}
+
+
+@pytest.fixture
+def data_env(digits_data_dir, monkeypatch):
+  monkeypatch.setenv("CNNJAX_DATA_DIR", str(digits_data_dir))
+  return digits_data_dir
+
+
+def _run(args):
+  return cli.main([*args, "--cache_dir="])  # keep the test session's compilation cache
+
+
+def _rows(workdir):
+  with open(workdir / "results.csv", newline="") as handle:
+    return list(csv.DictReader(handle))
+
+
+def test_every_experiment_is_listed_with_one_line(capsys):
+  assert cli.main(["--list"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert [line.split()[0] for line in lines] == sorted(PROMISED)
+  assert all(len(line.split()) > 4 for line in lines)
+  assert "(default)" in next(line for line in lines if line.startswith("quickstart"))
+
+
+@pytest.mark.parametrize("name", sorted(PROMISED))
+def test_smoke_variant_runs_and_writes_what_it_promises(name, data_env, tmp_path, capsys):
+  workdir = tmp_path / name
+  assert _run([f"--config={CONFIGS / name}.py:smoke", f"--workdir={workdir}"]) == 0
+  out = capsys.readouterr().out
+  assert f"results: {workdir / 'results.csv'}" in out
+  rows = _rows(workdir)
+  assert rows and all(row["status"] == "done" for row in rows)
+  assert all(0.0 <= float(row["accuracy"]) <= 1.0 for row in rows)
+  assert len(json.loads((workdir / "results.json").read_text())) == len(rows)
+  assert (workdir / "report.md").read_text().startswith(f"# {name}")
+  for promised in PROMISED[name]:
+    path = workdir / promised
+    assert path.exists() and path.stat().st_size > 0, promised
+    if promised.endswith(".png"):
+      assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+      json.loads(path.read_text())
+  if name == "quickstart":
+    assert "final test accuracy" in out and (workdir / "checkpoints").is_dir()
+
+
+def test_a_typo_in_a_config_key_is_an_error_that_names_it(capsys):
+  code = _run([f"--config={CONFIGS / 'quickstart.py'}:smoke", "--config.train.lerning_rate=1"])
+  assert code == 2 and "lerning_rate" in capsys.readouterr().err
+
+
+def _scaling_config(**changes):
+  from experiments.configs import efficientnet_scaling
+
+  config = efficientnet_scaling.get_config("smoke")
+  for key, value in changes.items():
+    config.scaling[key] = value
+  return config
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"grid_alpha": (0.9, 1.2)}, r"alpha >= 1 .*\[0.9\]"),
+    ({"tolerance": 0.01}, r"no grid point satisfies .* the closest"),
+    ({"base_resolution": 24}, r"resolution 24 is below the network's minimum of 32"),
+    ({"phis": (0, 1)}, r"phis must be >= 1"),
+])
+def test_impossible_scaling_settings_fail_before_anything_trains(changes, message, tmp_path):
+  with pytest.raises(scaling.ScalingConfigError, match=message):
+    kinds.run(_scaling_config(**changes), tmp_path)
+  assert not (tmp_path / "trials").exists()
+
+
+def test_grid_candidates_satisfy_the_constraint():
+  grid = (1.0, 1.1, 1.2, 1.3)
+  kept = scaling.grid_candidates(grid, grid, grid, 2.0, 0.1)
+  every = [(a, b, g) for a in grid for b in grid for g in grid]
+  assert kept == sorted(c for c in every if abs(c[0] * c[1] ** 2 * c[2] ** 2 - 2) <= 0.1)
+  assert (1.2, 1.1, 1.2) in kept and (1.2, 1.1, 1.1) not in kept
+
+
+def test_single_dimension_scaling_meets_the_target_flops():
+  base = scaling.Base(width=0.5, depth=0.5, resolution=32)
+
+  def flops_of(point):  # a network whose FLOPs follow width^2 * ceil-rounded depth * resolution^2
+    import math
+    return 1e6 * (point.width / 0.5) ** 2 * math.ceil(point.depth * 8) / 4 * (point.resolution / 32) ** 2
+
+  target = 4.0e6 * 1.7
+  for method in ("width", "depth", "resolution"):
+    point = scaling.single_dimension_point(base, method, 2, target, flops_of)
+    assert abs(flops_of(point) / target - 1) < 0.1, (method, point)
+    changed = {"width": point.width != 0.5, "depth": point.depth != 0.5,
+               "resolution": point.resolution != 32}
+    assert [k for k, v in changed.items() if v] == [method]
+
+
+def test_official_mode_uses_the_b0_b7_ratios():
+  points = scaling.official_points(scaling.Base(0.5, 0.5, 32), [1, 3])
+  assert [(p.width, p.depth, p.resolution) for p in points] == [(0.5, 0.55, 34), (0.6, 0.7, 43)]
+
+
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(data_env, tmp_path):
+  config = ml_collections.ConfigDict()
+  config.name, config.kind, config.description = "mini", "sweep", "two trials"
+  config.trials = [{"name": "typo", "overrides": {"model": "resnet21"}},
+                   {"name": "ok", "overrides": {}}]
+  t = default_config()
+  t.data.image_size, t.data.train_crop, t.data.flip = 16, "resize", False
+  t.model_overrides.widths = (4, 4, 4)
+  t.batch_size, t.num_steps, t.progress_bar, t.optimizer.warmup_epochs = 16, 2, False, 0.0
+  config.train = t
+  rows = kinds.run(config, tmp_path)["rows"]
+  assert [r["status"] for r in rows] == ["failed", "done"]
+  assert "resnet21" in rows[0]["error"] and "resnet20" in rows[0]["error"]  # the suggestion
+  status = read_status(tmp_path / "trials" / "000-typo")
+  assert status["status"] == "failed" and "Traceback" in status["traceback"]
+
+
+def _sweep_command(workdir, *extra):
+  return [sys.executable, "-m", "experiments.run", f"--config={CONFIGS / 'degradation.py'}:smoke",
+          f"--workdir={workdir}", "--cache_dir=" + os.environ.get("CNNJAX_TEST_CACHE", ""), *extra]
+
+
+def _stable_table(workdir):
+  return [{k: v for k, v in row.items() if k != "train_seconds"} for row in _rows(workdir)]
+
+
+def test_an_interrupted_sweep_ends_with_the_same_table_and_trials_run_alone(data_env, tmp_path):
+  env = {**os.environ, "PYTHONPATH": str(REPO)}
+  whole = tmp_path / "whole"
+  subprocess.run(_sweep_command(whole), env=env, cwd=REPO, check=True, capture_output=True)
+
+  interrupted = tmp_path / "interrupted"
+  proc = subprocess.Popen(_sweep_command(interrupted), env=env, cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  second = interrupted / "trials" / "001-resnet20"
+  deadline = time.time() + 300
+  while not (second / "status.json").exists() and time.time() < deadline:
+    assert proc.poll() is None
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert read_status(second)["status"] == "running" and not (interrupted / "results.csv").exists()
+  subprocess.run(_sweep_command(interrupted), env=env, cwd=REPO, check=True, capture_output=True)
+  assert _stable_table(interrupted) == _stable_table(whole)
+
+  alone = tmp_path / "alone"
+  subprocess.run(_sweep_command(alone, "--trial=1"), env=env, cwd=REPO, check=True,
+                 capture_output=True)
+  rows = _rows(alone)
+  assert [r["status"] for r in rows] == ["pending", "done"]
+  assert rows[1]["accuracy"] == _rows(whole)[1]["accuracy"]
+  assert not (alone / "trials" / "000-plain20").exists()
