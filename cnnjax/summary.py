@@ -1,4 +1,7 @@
-"""`python -m cnnjax.summary MODEL [--size N]`: a model's per-layer arithmetic."""
+"""`python -m cnnjax.summary MODEL [--size N]`: a model's per-layer arithmetic.
+
+`--zoo [PATTERN]` prints every matching model's parameters and FLOPs instead.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import argparse
 import sys
 import types
 
-from cnnjax.analysis import summary
+from cnnjax.analysis import summary, zoo_table
 from cnnjax.registry import create_model, list_models, model_info
 
 
@@ -17,7 +20,16 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--size", type=int, default=None,
                       help="square input size (default: the model's own)")
   parser.add_argument("--num-classes", type=int, default=None)
+  parser.add_argument("--zoo", nargs="?", const="*", default=None, metavar="PATTERN",
+                      help="table of every model matching PATTERN (default: all)")
   args = parser.parse_args(argv)
+  if args.zoo is not None:
+    table = zoo_table(args.zoo)
+    if table.count("\n") == 0:
+      print(f"error: no model matches {args.zoo!r}", file=sys.stderr)
+      return 2
+    print(table)
+    return 0
   if args.list or not args.model:
     print("\n".join(list_models()))
     return 0

@@ -15,13 +15,18 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+if os.environ.get("CNNJAX_TEST_CACHE"):
+  jax.config.update("jax_compilation_cache_dir", os.environ["CNNJAX_TEST_CACHE"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
 import cnnjax  # noqa: E402
 from cnnjax.train import optim, steps  # noqa: E402
 
 
 def main():
   assert jax.device_count() == 4, jax.devices()
-  model = cnnjax.create_model("resnet20", num_classes=5, widths=(4, 8, 8))
+  # ResNet-8 (one block per stage): every kind of layer, a fraction of the compile time.
+  model = cnnjax.create_model("resnet20", num_classes=5, widths=(4, 8, 8), depth=8)
   shape = optim.schedule_shape("cosine", total_steps=3, steps_per_epoch=3)
   tx = optim.make_optimizer("sgd", shape, learning_rate=0.1, weight_decay=1e-3, momentum=0.9,
                             nesterov=True)

@@ -1,7 +1,6 @@
-"""The command lines: `python -m cnnjax.summary` and `python -m experiments.run`."""
+"""The command line `python -m cnnjax.summary` (experiments.run: test_experiments.py)."""
 
 from cnnjax.summary import main as summary_main
-from experiments import run
 
 
 def test_summary_cli_prints_the_table(capsys):
@@ -18,11 +17,11 @@ def test_summary_cli_errors_are_clear(capsys):
   assert "Closest: resnet18" in capsys.readouterr().err
 
 
-def test_experiments_run_prints_the_measured_zoo(capsys):
-  assert run.main(["--models", "plain2*"]) == 0
+def test_summary_cli_prints_the_measured_zoo(capsys):
+  assert summary_main(["--zoo", "plain2*"]) == 0
   out = capsys.readouterr().out
   assert "plain20" in out and "269,722" in out and "0.081" in out
-  assert run.main(["--models", "nonexistent*"]) == 2
+  assert summary_main(["--zoo", "nonexistent*"]) == 2
 
 
 def test_importing_the_cli_keeps_cnnjax_summary_callable():

@@ -1,5 +1,6 @@
 """The compiled steps: device-count invariance, pmap parity, EMA, evaluation masks."""
 
+import functools
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 import cnnjax
 from cnnjax.train import optim, steps
@@ -111,3 +113,46 @@ def test_float16_loss_scaling_skips_overflowing_steps_and_backs_off():
     assert unchanged == skip  # a skipped step leaves the params alone, a taken one moves them
   first_taken = skipped.index(False)
   assert scales[:first_taken] == [2.0 ** (29 - i) for i in range(first_taken)]
+
+
+class _TwoHeads(nn.Module):
+  """A stand-in for GoogLeNet's interface: (logits, aux1, aux2) in training."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape((x.shape[0], -1))
+    logits = nn.Dense(3, name="main")(x)
+    if not (train or self.is_initializing()):  # as GoogLeNet: heads exist, used in training
+      return logits
+    return logits, nn.Dense(3, name="aux1")(x), nn.Dense(3, name="aux2")(x)
+
+
+def test_auxiliary_losses_are_weighted_by_the_config():
+  model = _TwoHeads()
+  shape = optim.schedule_shape("constant", total_steps=1, steps_per_epoch=1)
+  tx = optim.make_optimizer("sgd", shape, learning_rate=0.1)
+  state = jax.jit(lambda: steps.create_state(model, tx, (2, 2, 3), seed=0))()
+  batch = {"image": jax.random.normal(jax.random.key(3), (4, 2, 2, 3)), "label": jnp.arange(4) % 3}
+  variables = {"params": state.params}
+  logits, aux1, aux2 = model.apply(variables, batch["image"], train=True)
+  ce = lambda out: float(steps.cross_entropy(out, batch["label"], 3).mean())  # noqa: E731
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
+                                   config=steps.StepConfig(aux_loss_weight=0.3)))
+  _, metrics = step(state, batch)
+  assert float(metrics["loss"]) == pytest.approx(ce(logits) + 0.3 * (ce(aux1) + ce(aux2)), rel=1e-5)
+  assert float(metrics["data_loss"]) == pytest.approx(ce(logits), rel=1e-5)
+
+
+def test_gradient_clipping_bounds_the_update_norm():
+  model = _TwoHeads()
+  shape = optim.schedule_shape("constant", total_steps=1, steps_per_epoch=1)
+  tx = optim.make_optimizer("sgd", shape, learning_rate=1.0, momentum=0.0, clip_norm=1e-3)
+  state = jax.jit(lambda: steps.create_state(model, tx, (2, 2, 3), seed=0))()
+  batch = {"image": 10 * jax.random.normal(jax.random.key(3), (4, 2, 2, 3)),
+           "label": jnp.arange(4) % 3}
+  before = jax.device_get(state.params)
+  after, _ = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
+                                       config=steps.StepConfig()))(state, batch)
+  moved = np.sqrt(sum(np.sum((np.asarray(a) - np.asarray(b)) ** 2) for a, b in
+                      zip(jax.tree.leaves(jax.device_get(after.params)), jax.tree.leaves(before))))
+  assert moved == pytest.approx(1e-3, rel=1e-4)

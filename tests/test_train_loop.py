@@ -23,7 +23,8 @@ WORKER = HERE / "train_worker.py"
 
 # A tiny run on the embedded digits: 16x16 inputs keep the last stage's maps at 4x4.
 TINY = {"data.image_size": 16, "data.train_crop": "pad_crop", "data.pad": 2, "data.mean": [0.5],
-        "data.std": [0.5], "data.flip": False, "model_overrides.widths": [8, 8, 16], "batch_size": 32,
+        "data.std": [0.5], "data.flip": False, "model_overrides.widths": [8, 8, 16],
+        "model_overrides.depth": 8, "batch_size": 32,
         "optimizer.learning_rate": 0.02, "optimizer.schedule": "constant", "progress_bar": False}
 
 
@@ -65,7 +66,7 @@ def _config(overrides):
 def test_small_resnet_reaches_95_percent_on_digits_and_keeps_the_best(digits_data_dir, tmp_path):
   config = _config({**TINY, "data.data_dir": str(digits_data_dir), "optimizer.learning_rate": 0.1,
                     "optimizer.schedule": "cosine", "num_epochs": 10.0, "batch_size": 64,
-                    "model_overrides.widths": [8, 16, 32],
+                    "model_overrides.widths": [8, 16, 32], "model_overrides.depth": 20,
                     "best_metric": "top1", "eval_every_epochs": 2.0})
   result = train.train_and_evaluate(config, tmp_path)
   assert result["count"] == 360  # the whole test split, counted once
