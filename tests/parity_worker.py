@@ -23,6 +23,18 @@ import cnnjax  # noqa: E402
 from cnnjax.train import optim, steps  # noqa: E402
 
 
+def _quick(step):
+  """The step compiled on first use at XLA optimisation level 0 (the runs are tiny)."""
+  compiled = {}
+
+  def call(state, batch):
+    if "fn" not in compiled:
+      compiled["fn"] = step.lower(state, batch).compile(
+          compiler_options={"xla_backend_optimization_level": 0})
+    return compiled["fn"](state, batch)
+  return call
+
+
 def main():
   assert jax.device_count() == 4, jax.devices()
   # ResNet-8 (one block per stage): every kind of layer, a fraction of the compile time.
@@ -40,12 +52,14 @@ def main():
   for name, devices in (("single", jax.devices()[:1]), ("mesh4", jax.devices())):
     mesh = steps.make_mesh(devices)
     train, _ = steps.jit_steps(model, tx, config, mesh)
+    train = _quick(train)
     state = jax.jit(init)()
     for batch in batches:
       state, _ = train(state, batch)
     results[name] = jax.device_get(state)
 
   train_p, _ = steps.pmap_steps(model, tx, config)
+  train_p = _quick(train_p)
   state = jax.jit(init)()
   state = jax.tree.map(lambda x: jnp.broadcast_to(x, (4,) + x.shape), state)
   for batch in batches:
@@ -60,11 +74,13 @@ def main():
   # Ghost BatchNorm: per-device statistics, under jit (shard_map) and under pmap.
   ghost_config = steps.StepConfig(label_smoothing=0.1, ema_decay=0.9, ghost_batch_norm=True)
   train_g, _ = steps.jit_steps(model, tx, ghost_config, steps.make_mesh(jax.devices()))
+  train_g = _quick(train_g)
   state = jax.jit(init)()
   for batch in batches:
     state, _ = train_g(state, batch)
   results["ghost_jit"] = jax.device_get(state)
   train_gp, _ = steps.pmap_steps(model, tx, ghost_config)
+  train_gp = _quick(train_gp)
   state = jax.tree.map(lambda x: jnp.broadcast_to(x, (4,) + x.shape), jax.jit(init)())
   for batch in batches:
     state, _ = train_gp(state, jax.tree.map(lambda x: x.reshape((4, -1) + x.shape[1:]), batch))

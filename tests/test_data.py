@@ -260,6 +260,7 @@ def test_cifar10_from_tfds_mock_data_through_the_whole_pipeline(tmp_path):
     config.data.train_crop = "pad_crop"
     config.model_overrides.widths = (4, 4, 4)
     config.batch_size, config.num_steps, config.progress_bar = 16, 2, False
+    config.fast_compile = True
     result = train.train_and_evaluate(config, tmp_path / "run")
   assert result["step"] == 2 and result["count"] == 48 and np.isfinite(result["loss"])
 

@@ -138,6 +138,7 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(data_env, tmp_path):
   t.data.image_size, t.data.train_crop, t.data.flip = 16, "resize", False
   t.model_overrides.widths = (4, 4, 4)
   t.batch_size, t.num_steps, t.progress_bar, t.optimizer.warmup_epochs = 16, 2, False, 0.0
+  t.fast_compile = True
   config.train = t
   rows = kinds.run(config, tmp_path)["rows"]
   assert [r["status"] for r in rows] == ["failed", "done"]

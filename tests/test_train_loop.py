@@ -25,7 +25,8 @@ WORKER = HERE / "train_worker.py"
 TINY = {"data.image_size": 16, "data.train_crop": "pad_crop", "data.pad": 2, "data.mean": [0.5],
         "data.std": [0.5], "data.flip": False, "model_overrides.widths": [8, 8, 16],
         "model_overrides.depth": 8, "batch_size": 32,
-        "optimizer.learning_rate": 0.02, "optimizer.schedule": "constant", "progress_bar": False}
+        "optimizer.learning_rate": 0.02, "optimizer.schedule": "constant", "progress_bar": False,
+        "fast_compile": True}
 
 
 def _worker(workdir, overrides, devices=1, process=None, wait=True):
@@ -67,7 +68,7 @@ def test_small_resnet_reaches_95_percent_on_digits_and_keeps_the_best(digits_dat
   config = _config({**TINY, "data.data_dir": str(digits_data_dir), "optimizer.learning_rate": 0.1,
                     "optimizer.schedule": "cosine", "num_epochs": 10.0, "batch_size": 64,
                     "model_overrides.widths": [8, 16, 32], "model_overrides.depth": 20,
-                    "best_metric": "top1", "eval_every_epochs": 2.0})
+                    "best_metric": "top1", "eval_every_epochs": 2.0, "fast_compile": False})
   result = train.train_and_evaluate(config, tmp_path)
   assert result["count"] == 360  # the whole test split, counted once
   assert result["top1"] >= 0.95, result

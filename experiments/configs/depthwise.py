@@ -12,6 +12,7 @@ theoretical 1/N + 1/k^2.
 import ml_collections
 
 from cnnjax import train
+from experiments.configs import _smoke
 
 
 def get_config(variant: str = "full") -> ml_collections.ConfigDict:
@@ -34,15 +35,8 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   t.optimizer.weight_decay = 4e-5
   t.eval_every_epochs = 2.0
   if variant == "smoke":
-    t.optimizer.warmup_epochs = 0.0
     t.model_overrides.width = 0.25
-    t.data.dataset = "digits"
-    t.data.image_size = 32
-    t.data.mean, t.data.std = (0.5,), (0.5,)
-    t.data.flip = False
-    t.batch_size = 32
-    t.num_steps = 3
-    t.progress_bar = False
+    _smoke.on_digits(t, image_size=32, batch_size=32, num_steps=3)
   elif variant != "full":
     raise ValueError(f"unknown variant {variant!r} of depthwise; use full or smoke")
   config.train = t

@@ -16,6 +16,7 @@ report.md, accuracy_vs_flops.png and grid_search.png.
 import ml_collections
 
 from cnnjax import train
+from experiments.configs import _smoke
 
 
 def get_config(variant: str = "full") -> ml_collections.ConfigDict:
@@ -62,19 +63,13 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     s.mode = "official"
     s.phis = (1, 2, 3)
   elif variant == "smoke":
-    t.optimizer.warmup_epochs = 0.0
     s.grid_alpha, s.grid_beta, s.grid_gamma = (1.0, 1.2), (1.0,), (1.0, 1.2)
     s.tolerance = 0.6
     s.phis = (1,)
     s.baselines = False  # CI time; the baselines' search is unit-tested
     s.base_width, s.base_depth, s.base_resolution = 0.25, 0.1, 32
     t.model_overrides.width, t.model_overrides.depth = s.base_width, s.base_depth
-    t.data.dataset = "digits"
-    t.data.image_size = s.base_resolution
-    t.data.mean, t.data.std = (0.5,), (0.5,)
-    t.data.flip = False
-    t.batch_size = 16
-    t.num_steps = 2
+    _smoke.on_digits(t, image_size=s.base_resolution, batch_size=16, num_steps=2)
   elif variant != "full":
     raise ValueError(f"unknown variant {variant!r} of efficientnet_scaling; use full, official "
                      "or smoke")

@@ -12,6 +12,7 @@ and metrics in runs/quickstart/. Expect about 97% test accuracy.
 import ml_collections
 
 from cnnjax import train
+from experiments.configs import _smoke
 
 
 def get_config(variant: str = "full") -> ml_collections.ConfigDict:
@@ -33,13 +34,8 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   t.optimizer.weight_decay = 5e-4
   t.best_metric = "top1"
   if variant == "smoke":
-    t.data.dataset = "digits"
-    t.data.image_size = 16
+    _smoke.on_digits(t, image_size=16, batch_size=32, num_steps=6)
     t.model_overrides.widths = (4, 4, 8)
-    t.num_epochs = 1.0
-    t.num_steps = 6
-    t.optimizer.warmup_epochs = 0.0
-    t.progress_bar = False
   elif variant != "full":
     raise ValueError(f"unknown variant {variant!r} of quickstart; use full or smoke")
   config.train = t

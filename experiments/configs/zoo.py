@@ -12,6 +12,7 @@ budget ranks how fast each family learns here, not how good it is.
 import ml_collections
 
 from cnnjax import train
+from experiments.configs import _smoke
 
 FAMILIES = ("alexnet", "vgg11_bn", "googlenet", "resnet18", "densenet121", "mobilenet_v2",
             "efficientnet_b0")
@@ -37,7 +38,6 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   t.eval_every_epochs = 100.0  # evaluate at the end only
   trials = [{"name": model, "overrides": {"model": model}} for model in FAMILIES]
   if variant == "smoke":
-    t.optimizer.warmup_epochs = 0.0
     small = {
         "densenet121": {"block_sizes": (1, 1, 1, 1), "growth_rate": 4, "stem_features": 8},
         "mobilenet_v2": {"width": 0.25, "depth": 0.1},
@@ -46,13 +46,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     trials = [{"name": m, "overrides": {"model": m, **{f"model_overrides.{k}": v
                                                         for k, v in small[m].items()}}}
               for m in small]
-    t.data.dataset = "digits"
-    t.data.image_size = 32
-    t.data.mean, t.data.std = (0.5,), (0.5,)
-    t.data.flip = False
-    t.batch_size = 16
-    t.num_steps = 2
-    t.progress_bar = False
+    _smoke.on_digits(t, image_size=32, batch_size=16, num_steps=2)
   elif variant != "full":
     raise ValueError(f"unknown variant {variant!r} of zoo; use full or smoke")
   config.trials = trials
