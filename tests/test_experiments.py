@@ -75,8 +75,10 @@ def test_smoke_variant_runs_and_writes_what_it_promises(name, data_env, tmp_path
 
 
 def test_a_typo_in_a_config_key_is_an_error_that_names_it(capsys):
-  code = _run([f"--config={CONFIGS / 'quickstart.py'}:smoke", "--config.train.lerning_rate=1"])
-  assert code == 2 and "lerning_rate" in capsys.readouterr().err
+  code = _run([f"--config={CONFIGS / 'quickstart.py'}:smoke",
+               "--config.train.optimizer.lerning_rate=1"])
+  err = capsys.readouterr().err
+  assert code == 2 and 'Did you mean "learning_rate" instead of "lerning_rate"' in err
 
 
 def _scaling_config(**changes):
@@ -182,3 +184,20 @@ def test_an_interrupted_sweep_ends_with_the_same_table_and_trials_run_alone(data
   assert [r["status"] for r in rows] == ["pending", "done"]
   assert rows[1]["accuracy"] == _rows(whole)[1]["accuracy"]
   assert not (alone / "trials" / "000-plain20").exists()
+
+
+def test_bad_trials_and_foreign_workdirs_are_clear_errors_that_keep_the_results(data_env, tmp_path,
+                                                                              capsys):
+  quickstart = f"--config={CONFIGS / 'quickstart.py'}:smoke"
+  assert _run([quickstart, f"--workdir={tmp_path}"]) == 0
+  kept = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "checkpoints" in p.parts}
+  capsys.readouterr()
+  # The same workdir with another model: refused, nothing overwritten.
+  assert _run([quickstart, f"--workdir={tmp_path}", "--config.train.model=plain20"]) == 2
+  assert "ConfigMismatchError" in capsys.readouterr().err
+  assert {p: p.read_bytes() for p in kept} == kept
+  assert _run([quickstart, f"--workdir={tmp_path / 'single'}", "--trial=1"]) == 2
+  assert "single run" in capsys.readouterr().err
+  degradation = f"--config={CONFIGS / 'degradation.py'}:smoke"
+  assert _run([degradation, f"--workdir={tmp_path / 'sweep'}", "--trial=7"]) == 2
+  assert "--trial 7 does not exist" in capsys.readouterr().err

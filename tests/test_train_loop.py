@@ -16,6 +16,7 @@ import pytest
 
 from cnnjax import train
 from cnnjax.train import loop
+from cnnjax.train.config import with_overrides
 from cnnjax.train.logs import read_metrics
 
 HERE = pathlib.Path(__file__).parent
@@ -54,14 +55,7 @@ def _max_diff(a, b):
 
 
 def _config(overrides):
-  config = train.default_config()
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = tuple(value) if isinstance(value, list) else value
-  return config
+  return with_overrides(train.default_config(), overrides)
 
 
 def test_small_resnet_reaches_95_percent_on_digits_and_keeps_the_best(digits_data_dir, tmp_path):

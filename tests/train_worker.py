@@ -24,6 +24,7 @@ if os.environ.get("CNNJAX_TEST_CACHE"):
 
 from cnnjax import train  # noqa: E402
 from cnnjax.train import checkpoint as checkpoint_lib  # noqa: E402
+from cnnjax.train.config import with_overrides  # noqa: E402
 
 
 def main():
@@ -34,12 +35,7 @@ def main():
     config.distributed.coordinator_address = f"127.0.0.1:{port}"
     config.distributed.num_processes = num_processes
     config.distributed.process_id = process_id
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = tuple(value) if isinstance(value, list) else value
+  config = with_overrides(config, overrides)
   result = train.train_and_evaluate(config, workdir)
   # The final state, read back from the newest checkpoint like any resumed run would.
   manager = checkpoint_lib.make_manager(os.path.join(workdir, "checkpoints"), async_save=False)

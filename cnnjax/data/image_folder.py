@@ -11,6 +11,7 @@ to prepare a changed folder again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import pathlib
@@ -56,8 +57,12 @@ class CnnjaxImageFolder(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
 
+  @functools.cached_property
+  def _scanned(self):
+    return scan(pathlib.Path(self.builder_config.root))
+
   def _info(self) -> tfds.core.DatasetInfo:
-    _, classes = scan(pathlib.Path(self.builder_config.root))
+    _, classes = self._scanned
     return self.dataset_info_from_configs(
         description=f"images from {self.builder_config.root}",
         features=tfds.features.FeaturesDict({
@@ -66,7 +71,7 @@ class CnnjaxImageFolder(tfds.core.GeneratorBasedBuilder):
         supervised_keys=("image", "label"))
 
   def _split_generators(self, dl_manager):
-    examples, classes = scan(pathlib.Path(self.builder_config.root))
+    examples, classes = self._scanned
     index = {name: i for i, name in enumerate(classes)}
     return {split: self._generate_examples(items, index) for split, items in examples.items()}
 

@@ -131,25 +131,34 @@ class EvalBatches:
     return batch
 
 
-def _dataset(length: int, make, num_workers: int, num_threads: int,
+def _dataset(start: int, stop: int, make, num_workers: int, num_threads: int,
              prefetch: int) -> grain.IterDataset:
-  dataset = grain.MapDataset.range(length).map(make)
+  dataset = grain.MapDataset.range(start, stop).map(make)
   dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                       prefetch_buffer_size=prefetch))
   if num_workers > 0:
+    from absl import flags  # noqa: PLC0415
+
+    # grain's workers read absl flags; outside an absl program (notebooks, pytest, our CLI's
+    # own FlagValues) nothing parsed them, so take their defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return dataset
 
 
 def train_iterator(batches: TrainBatches, num_steps: int, num_workers: int = 0,
-                   num_threads: int = 1, prefetch: int = 2):
-  """A grain iterator over steps [0, num_steps); `get_state`/`set_state` resume it."""
-  return iter(_dataset(num_steps, batches, num_workers, num_threads, prefetch))
+                   num_threads: int = 1, prefetch: int = 2, start_step: int = 0):
+  """A grain iterator over steps [start_step, num_steps); `get_state`/`set_state` resume it.
+
+  Its state's form depends on `num_workers`; `start_step` resumes by position alone.
+  """
+  return iter(_dataset(start_step, num_steps, batches, num_workers, num_threads, prefetch))
 
 
 def eval_iterator(batches: EvalBatches, num_workers: int = 0, num_threads: int = 1,
                   prefetch: int = 2):
-  return iter(_dataset(batches.num_batches, batches, num_workers, num_threads, prefetch))
+  return iter(_dataset(0, batches.num_batches, batches, num_workers, num_threads, prefetch))
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding,

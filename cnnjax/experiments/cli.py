@@ -51,7 +51,7 @@ def _define_flags(argv: list[str]) -> flags.FlagValues:
   config_flags.DEFINE_config_file(
       "config", str(CONFIG_DIR / f"{DEFAULT_EXPERIMENT}.py"),
       "experiment config: experiments/configs/<name>.py[:variant]", flag_values=values,
-      lock_config=True)
+      lock_config=True, sys_argv=argv)  # the override flags come from argv, not sys.argv
   flags.DEFINE_string("workdir", None, "where the run lives (default runs/<experiment>[-variant])",
                       flag_values=values)
   flags.DEFINE_bool("list", False, "list the experiments and exit", flag_values=values)
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   try:
     values = _define_flags(argv)
-  except flags.Error as error:
+  except (flags.Error, KeyError, AttributeError) as error:  # unknown flags, config-key typos
     print(f"error: {error}", file=sys.stderr)
     return 2
   config = values.config
@@ -99,8 +99,17 @@ def main(argv: list[str] | None = None) -> int:
   command = "python -m experiments.run " + " ".join(shlex.quote(a) for a in argv[1:])
   print(f"experiment {config.name}{f' ({variant})' if variant else ''}: {config.description}")
   print(f"workdir {workdir}", flush=True)
-  outcome = kinds.run(config, workdir, values.trial, command.strip())
+  try:
+    outcome = kinds.run(config, workdir, values.trial, command.strip())
+  except (ValueError, KeyError, FileNotFoundError) as error:
+    # Bad settings, data or workdir: say what and stop; nothing was written over.
+    print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+    return 2
   rows = outcome["rows"]
+  if values.trial is not None and not any(r.get("trial") == values.trial for r in rows):
+    print(f"error: --trial {values.trial} does not exist; this experiment has trials "
+          f"0..{len(rows) - 1}", file=sys.stderr)
+    return 2
   failed = [r for r in rows if r.get("status") == "failed"]
   finished = [r for r in rows if r.get("accuracy") is not None]
   if len(rows) == 1 and finished:

@@ -17,25 +17,26 @@ import ml_collections
 
 from cnnjax import analysis, registry
 from cnnjax.experiments import reports, scaling
-from cnnjax.experiments.sweep import DONE, Trial, apply_overrides, run_sweep, summary_rows
+from cnnjax.experiments.sweep import (DONE, Trial, apply_overrides, run_sweep, summary_rows,
+                                      trial_dir)
+from cnnjax.train.config import model_overrides
 from cnnjax.train.logs import read_metrics
 
 
 # -- shared helpers ----------------------------------------------------------------------------
 
 
-def _dataset_classes(train_config) -> tuple[int, int]:
+def _num_classes(train_config) -> int:
+  """The classes the trials train for (preparing an embedded dataset if needed)."""
   from cnnjax import data  # noqa: PLC0415
 
   info = data.prepare(train_config.data.dataset, train_config.data.data_dir,
                       progress=train_config.progress_bar, backend=train_config.data.backend)
-  return train_config.data.num_classes or info.num_classes, info.image_shape[0] or 0
+  return train_config.data.num_classes or info.num_classes
 
 
 def _model_for(config, num_classes: int):
-  overrides = {k: tuple(v) if isinstance(v, list) else v
-               for k, v in config.model_overrides.to_dict().items()}
-  return registry.create_model(config.model, num_classes=num_classes, **overrides)
+  return registry.create_model(config.model, num_classes=num_classes, **model_overrides(config))
 
 
 @functools.lru_cache(maxsize=512)
@@ -49,8 +50,7 @@ def _static_cost(model_name: str, overrides: tuple, num_classes: int, size: int,
 def measurer(num_classes: int) -> Callable:
   """config -> {'params', 'flops'} of the model the config trains, at its input size."""
   def measure(config) -> dict:
-    overrides = tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
-                             for k, v in config.model_overrides.to_dict().items()))
+    overrides = tuple(sorted(model_overrides(config).items()))
     info = registry.model_info(config.model)
     size = config.data.image_size or info.input_size
     params, flops = _static_cost(config.model, overrides, num_classes, size, info.channels)
@@ -80,7 +80,7 @@ def run_train(config, workdir: pathlib.Path, trial: int | None, command: str) ->
 
   if trial is not None:
     raise ValueError(f"experiment {config.name!r} is a single run; it has no trials to select")
-  num_classes, _ = _dataset_classes(config.train)
+  num_classes = _num_classes(config.train)
   measured = measurer(num_classes)(config.train)
   result = train_and_evaluate(config.train, workdir)
   row = {"name": config.name, **measured, "accuracy": result["top1"],
@@ -103,7 +103,7 @@ def _config_trials(config) -> list[Trial]:
 
 
 def run_plain_sweep(config, workdir, trial, command) -> dict:
-  num_classes, _ = _dataset_classes(config.train)
+  num_classes = _num_classes(config.train)
   records = run_sweep(config.train, workdir, _config_trials(config), trial, measurer(num_classes))
   rows = summary_rows(records, SWEEP_COLUMNS)
   return _finish(workdir, f"{config.name}: {config.description}", rows, SWEEP_COLUMNS, [], command)
@@ -144,7 +144,7 @@ def scaling_plan(config) -> tuple[list[scaling.Point], list[tuple[float, float, 
 def run_efficientnet_scaling(config, workdir, trial, command) -> dict:
   base = _scaling_base(config)
   step1_points, candidates = scaling_plan(config)
-  num_classes, _ = _dataset_classes(config.train)
+  num_classes = _num_classes(config.train)
   measure = measurer(num_classes)
   step1 = [p.trial("step1" if p.method != "base" else "base") for p in step1_points]
   records = run_sweep(config.train, workdir, step1, trial, measure)
@@ -248,9 +248,7 @@ def _train_curve(directory: pathlib.Path) -> tuple[list[int], list[float]]:
 
 
 def run_degradation(config, workdir, trial, command) -> dict:
-  from cnnjax.experiments.sweep import trial_dir  # noqa: PLC0415
-
-  num_classes, _ = _dataset_classes(config.train)
+  num_classes = _num_classes(config.train)
   trials = [Trial(name, {"model": name}, {"depth": int(name[-2:]) if name[-2:].isdigit() else 0})
             for name in config.models]
   records = run_sweep(config.train, workdir, trials, trial, measurer(num_classes))
@@ -262,7 +260,7 @@ def run_degradation(config, workdir, trial, command) -> dict:
     row["final_train_error"] = (sum(errors[-tail:]) / len(errors[-tail:])) if errors else None
     row["test_error"] = None if row["accuracy"] is None else 1 - row["accuracy"]
   reports.plot_lines(workdir / "training_error.png",
-                     {name: ([s for s in steps], errors) for name, (steps, errors) in curves.items()},
+                     curves,
                      "step", "training error (augmented batches)",
                      "Plain against residual networks")
   by_name = {r["name"]: r for r in rows}
@@ -326,7 +324,7 @@ def block_cost_ratio(config, num_classes: int) -> dict:
 
 
 def run_depthwise(config, workdir, trial, command) -> dict:
-  num_classes, _ = _dataset_classes(config.train)
+  num_classes = _num_classes(config.train)
   trials = [Trial("separable", {"model_overrides.separable": True}, {"convolution": "separable"}),
             Trial("standard", {"model_overrides.separable": False}, {"convolution": "standard"})]
   records = run_sweep(config.train, workdir, trials, trial, measurer(num_classes))
@@ -354,7 +352,7 @@ ZOO_COLUMNS = ["trial", "name", "model", "resolution", "params", "flops", "accur
 
 
 def run_zoo(config, workdir, trial, command) -> dict:
-  num_classes, _ = _dataset_classes(config.train)
+  num_classes = _num_classes(config.train)
   trials = _config_trials(config)
   records = run_sweep(config.train, workdir, trials, trial, measurer(num_classes))
   rows = summary_rows(records, ZOO_COLUMNS)

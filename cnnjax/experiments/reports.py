@@ -60,6 +60,7 @@ def plot_lines(path: pathlib.Path, series: dict[str, tuple[Sequence[float], Sequ
   axes.grid(alpha=0.3)
   axes.legend()
   figure.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
   figure.savefig(path)
   plt.close(figure)
 
@@ -76,5 +77,6 @@ def plot_bars(path: pathlib.Path, labels: Sequence[str], values: Sequence[float]
   low = min((v for v in values if v is not None), default=0.0)
   axes.set_ylim(max(0.0, low - 0.1), None)
   figure.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
   figure.savefig(path)
   plt.close(figure)

@@ -11,7 +11,6 @@ its error and the sweep goes on.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -24,6 +23,8 @@ from typing import Any
 
 import ml_collections
 
+from cnnjax.train.config import with_overrides as apply_overrides
+
 log = logging.getLogger("cnnjax.experiments")
 
 DONE, FAILED, RUNNING = "done", "failed", "running"
@@ -34,25 +35,6 @@ class Trial:
   name: str
   overrides: dict
   info: dict = dataclasses.field(default_factory=dict)
-
-
-def apply_overrides(base: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
-  """A copy of `base` with dotted-key overrides; an unknown key is an error naming it."""
-  config = copy.deepcopy(base)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      if parent not in node:
-        raise KeyError(f"trial override {key!r}: no field {parent!r} in the training config")
-      node = node[parent]
-    if isinstance(value, list):
-      value = tuple(value)
-    try:
-      node[leaf] = value
-    except (AttributeError, KeyError) as error:
-      raise KeyError(f"trial override {key!r}: {error}") from None
-  return config
 
 
 def trial_dir(workdir: pathlib.Path, index: int, trial: Trial) -> pathlib.Path:

@@ -8,6 +8,8 @@ Fields left `None` take the value from the model's or the dataset's info
 
 from __future__ import annotations
 
+import copy
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -122,3 +124,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.num_epochs must be positive, got {config.num_epochs}")
   if not 0 <= config.ema_decay < 1:
     raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
+
+
+def with_overrides(base: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """A copy of `base` with dotted-key overrides (lists become tuples); unknown keys are errors."""
+  config = copy.deepcopy(base)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      if parent not in node:
+        raise KeyError(f"override {key!r}: no field {parent!r} in the training config")
+      node = node[parent]
+    try:
+      node[leaf] = tuple(value) if isinstance(value, list) else value
+    except (AttributeError, KeyError) as error:
+      raise KeyError(f"override {key!r}: {error}") from None
+  return config
+
+
+def model_overrides(config: ml_collections.ConfigDict) -> dict:
+  """`config.model_overrides` as keyword arguments for `create_model` (sequences as tuples)."""
+  return {k: tuple(v) if isinstance(v, list) else v
+          for k, v in config.model_overrides.to_dict().items()}

@@ -56,9 +56,7 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
   address = settings.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if not address:
     return
-  from jax._src import distributed as jax_distributed  # noqa: PLC0415 - the only is-initialised probe
-
-  if jax_distributed.global_state.client is not None:
+  if jax.distributed.is_initialized():
     return
   num_processes = settings.num_processes or int(os.environ["JAX_NUM_PROCESSES"])
   process_id = settings.process_id
@@ -103,8 +101,6 @@ class _Run:
   """Everything built from the config before the first step."""
 
   model: Any
-  model_info: registry.ModelInfo
-  dataset: data_lib.DatasetInfo
   train_batches: data_lib.TrainBatches
   eval_batches: data_lib.EvalBatches
   image_shape: tuple
@@ -132,10 +128,8 @@ def build(config: ml_collections.ConfigDict) -> _Run:
   """The model, data pipelines, schedule and optimizer that `config` describes."""
   dataset = _prepare_dataset(config)
   num_classes = config.data.num_classes or dataset.num_classes
-  overrides = dict(config.model_overrides.to_dict())
-  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
   model = registry.create_model(config.model, num_classes=num_classes,
-                                dtype=DTYPES[config.dtype], **overrides)
+                                dtype=DTYPES[config.dtype], **config_lib.model_overrides(config))
   info = registry.model_info(config.model)
   image_size = config.data.image_size or getattr(model, "input_size", None) or info.input_size
   channels = info.channels
@@ -181,7 +175,7 @@ def build(config: ml_collections.ConfigDict) -> _Run:
                                  aux_loss_weight=config.aux_loss_weight,
                                  weight_decay_mode=o.weight_decay_mode, ema_decay=config.ema_decay,
                                  ghost_batch_norm=config.ghost_batch_norm)
-  return _Run(model=model, model_info=info, dataset=dataset, train_batches=train_batches,
+  return _Run(model=model, train_batches=train_batches,
               eval_batches=eval_batches, image_shape=(image_size, image_size, channels),
               total_steps=total_steps, steps_per_epoch=steps_per_epoch, eval_every=eval_every,
               schedule=schedule, tx=tx, step_config=step_config)
@@ -314,17 +308,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if restored is not None:
     step, state, extra = restored
     data_state, best_value = extra.get("data_state"), extra.get("best_value")
+    if extra.get("config", {}).get("data.num_workers") != config.data.num_workers:
+      data_state = None  # grain's state has another form with other workers: resume by step
     log.info("resumed from step %d in %s", step, workdir)
   start_step = int(jax.device_get(state.step))
 
   writer = MetricWriter(workdir, run.total_steps, config.batch_size, start_step,
                         tensorboard=config.tensorboard, progress_bar=config.progress_bar)
-  iterator = data_lib.train_iterator(run.train_batches, run.total_steps, config.data.num_workers,
-                                     config.data.num_threads, config.data.prefetch)
   if data_state is not None:
+    iterator = data_lib.train_iterator(run.train_batches, run.total_steps,
+                                       config.data.num_workers, config.data.num_threads,
+                                       config.data.prefetch)
     iterator.set_state(data_state)
-  elif start_step:
-    iterator.set_state({"next_index": start_step})
+  else:
+    iterator = data_lib.train_iterator(run.train_batches, run.total_steps,
+                                       config.data.num_workers, config.data.num_threads,
+                                       config.data.prefetch, start_step=start_step)
   stop_at = min(run.total_steps, config.stop_after_steps or run.total_steps)
   step_state = devices.to_steps(state)
   train_step, compile_seconds = None, 0.0
