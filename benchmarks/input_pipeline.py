@@ -53,7 +53,7 @@ def training_rate(model_name: str, size: int, batch: int, **overrides) -> float:
   shape = optim.schedule_shape("constant", 1, 1)
   tx = optim.make_optimizer("sgd", shape, learning_rate=0.01)
   train, _ = steps.jit_steps(model, tx, steps.StepConfig(), steps.make_mesh())
-  state = jax.jit(lambda: steps.create_state(model, tx, (size, size, 3), seed=0))()
+  state = steps.init_state(model, tx, (size, size, 3), seed=0)
   images = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
   labels = jnp.zeros((batch,), jnp.int32)
   holder = {"state": state}

@@ -28,6 +28,8 @@ import numpy as np
 from flax import linen as nn
 from jax.extend import core as jex_core
 
+from cnnjax.models import lowering
+
 GLOBAL = math.inf
 
 
@@ -268,8 +270,10 @@ def _trace(model: nn.Module, input_shape, channels: int):
   shape = _normalise_shape(input_shape, channels)
   x = jax.ShapeDtypeStruct(shape, jnp.float32)
   rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
-  variables = jax.eval_shape(lambda: model.init(rngs, jnp.zeros(shape), train=False))
-  closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
+  # The reference lowering: one convolution primitive per layer, whatever runs.
+  with lowering.use("xla"):
+    variables = jax.eval_shape(lambda: model.init(rngs, jnp.zeros(shape), train=False))
+    closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
   return shape, variables, closed
 
 

@@ -46,21 +46,21 @@ def main():
   rng = np.random.default_rng(0)
   batches = [{"image": jnp.asarray(rng.normal(size=(8, 16, 16, 3)), jnp.float32),
               "label": jnp.asarray(rng.integers(0, 5, size=8))} for _ in range(3)]
-  init = lambda: steps.create_state(model, tx, (16, 16, 3), seed=0, ema=True)  # noqa: E731
+  init = lambda: steps.init_state(model, tx, (16, 16, 3), seed=0, ema=True)  # noqa: E731
 
   results = {}
   for name, devices in (("single", jax.devices()[:1]), ("mesh4", jax.devices())):
     mesh = steps.make_mesh(devices)
     train, _ = steps.jit_steps(model, tx, config, mesh)
     train = _quick(train)
-    state = jax.jit(init)()
+    state = init()
     for batch in batches:
       state, _ = train(state, batch)
     results[name] = jax.device_get(state)
 
   train_p, _ = steps.pmap_steps(model, tx, config)
   train_p = _quick(train_p)
-  state = jax.jit(init)()
+  state = init()
   state = jax.tree.map(lambda x: jnp.broadcast_to(x, (4,) + x.shape), state)
   for batch in batches:
     split = jax.tree.map(lambda x: x.reshape((4, -1) + x.shape[1:]), batch)
@@ -75,13 +75,13 @@ def main():
   ghost_config = steps.StepConfig(label_smoothing=0.1, ema_decay=0.9, ghost_batch_norm=True)
   train_g, _ = steps.jit_steps(model, tx, ghost_config, steps.make_mesh(jax.devices()))
   train_g = _quick(train_g)
-  state = jax.jit(init)()
+  state = init()
   for batch in batches:
     state, _ = train_g(state, batch)
   results["ghost_jit"] = jax.device_get(state)
   train_gp, _ = steps.pmap_steps(model, tx, ghost_config)
   train_gp = _quick(train_gp)
-  state = jax.tree.map(lambda x: jnp.broadcast_to(x, (4,) + x.shape), jax.jit(init)())
+  state = jax.tree.map(lambda x: jnp.broadcast_to(x, (4,) + x.shape), init())
   for batch in batches:
     state, _ = train_gp(state, jax.tree.map(lambda x: x.reshape((4, -1) + x.shape[1:]), batch))
   results["ghost_pmap"] = jax.tree.map(lambda x: x[0], jax.device_get(state))
@@ -94,7 +94,7 @@ def main():
     report[f"ghost_vs_global_{field}"] = max_diff(results["ghost_jit"], results["single"], field)
   report["steps"] = int(results["mesh4"].step)
   report["moved"] = float(max(np.max(np.abs(np.asarray(x) - np.asarray(y))) for x, y in zip(
-      jax.tree.leaves(results["single"].params), jax.tree.leaves(jax.device_get(jax.jit(init)().params)))))
+      jax.tree.leaves(results["single"].params), jax.tree.leaves(jax.device_get(init().params)))))
   json.dump(report, sys.stdout)
 
 

@@ -43,7 +43,7 @@ def test_ema_of_weights_and_batch_statistics_by_hand():
   model, tx = _tiny()
   config = steps.StepConfig(ema_decay=0.75)
   train, _ = steps.jit_steps(model, tx, config, steps.make_mesh(jax.devices()[:1]))
-  state = jax.jit(lambda: steps.create_state(model, tx, (8, 8, 3), seed=0, ema=True))()
+  state = steps.init_state(model, tx, (8, 8, 3), seed=0, ema=True)
   before = jax.device_get(state)
   batch = {"image": jax.random.normal(jax.random.key(0), (4, 8, 8, 3)), "label": jnp.arange(4) % 3}
   after, metrics = train(state, batch)
@@ -58,7 +58,7 @@ def test_ema_of_weights_and_batch_statistics_by_hand():
 def test_eval_counts_only_real_examples_of_a_padded_batch():
   model, tx = _tiny()
   _, evaluate = steps.jit_steps(model, tx, steps.StepConfig(), steps.make_mesh(jax.devices()[:1]))
-  state = jax.jit(lambda: steps.create_state(model, tx, (8, 8, 3), seed=0))()
+  state = steps.init_state(model, tx, (8, 8, 3), seed=0)
   images = jax.random.normal(jax.random.key(1), (6, 8, 8, 3))
   labels = jnp.array([0, 1, 2, 0, 1, 2])
   full = evaluate(state, {"image": images, "label": labels, "mask": jnp.ones(6)})
@@ -77,8 +77,7 @@ def _precision_run(dtype, loss_scale=None, num_steps=1):
   shape = optim.schedule_shape("constant", total_steps=1, steps_per_epoch=1)
   tx = optim.make_optimizer("sgd", shape, learning_rate=0.1)
   train, _ = steps.jit_steps(model, tx, steps.StepConfig(), steps.make_mesh(jax.devices()[:1]))
-  state = jax.jit(lambda: steps.create_state(model, tx, (8, 8, 3), seed=0,
-                                             loss_scale=loss_scale))()
+  state = steps.init_state(model, tx, (8, 8, 3), seed=0, loss_scale=loss_scale)
   batch = {"image": jax.random.normal(jax.random.key(0), (4, 8, 8, 3)), "label": jnp.arange(4) % 3}
   history = []
   for _ in range(num_steps):
@@ -131,7 +130,7 @@ def test_auxiliary_losses_are_weighted_by_the_config():
   model = _TwoHeads()
   shape = optim.schedule_shape("constant", total_steps=1, steps_per_epoch=1)
   tx = optim.make_optimizer("sgd", shape, learning_rate=0.1)
-  state = jax.jit(lambda: steps.create_state(model, tx, (2, 2, 3), seed=0))()
+  state = steps.init_state(model, tx, (2, 2, 3), seed=0)
   batch = {"image": jax.random.normal(jax.random.key(3), (4, 2, 2, 3)), "label": jnp.arange(4) % 3}
   variables = {"params": state.params}
   logits, aux1, aux2 = model.apply(variables, batch["image"], train=True)
@@ -147,7 +146,7 @@ def test_gradient_clipping_bounds_the_update_norm():
   model = _TwoHeads()
   shape = optim.schedule_shape("constant", total_steps=1, steps_per_epoch=1)
   tx = optim.make_optimizer("sgd", shape, learning_rate=1.0, momentum=0.0, clip_norm=1e-3)
-  state = jax.jit(lambda: steps.create_state(model, tx, (2, 2, 3), seed=0))()
+  state = steps.init_state(model, tx, (2, 2, 3), seed=0)
   batch = {"image": 10 * jax.random.normal(jax.random.key(3), (4, 2, 2, 3)),
            "label": jnp.arange(4) % 3}
   before = jax.device_get(state.params)

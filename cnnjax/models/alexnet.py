@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cnnjax.models import common
+from cnnjax.models import common, lowering
 from cnnjax.registry import register_model
 
 ModuleDef = common.ModuleDef
@@ -64,7 +64,7 @@ class AlexNet(nn.Module):
   num_classes: int = 1000
   hidden: int = 4096
   dropout: float = 0.5
-  conv: ModuleDef = nn.Conv
+  conv: ModuleDef = lowering.Conv
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cnnjax import registry
-from cnnjax.models import common
+from cnnjax.models import common, lowering
 
 ModuleDef = common.ModuleDef
 
@@ -57,7 +57,7 @@ class CifarResNet(nn.Module):
   residual: bool = True
   num_classes: int = 10
   widths: tuple[int, int, int] = (16, 32, 64)
-  conv: ModuleDef = nn.Conv
+  conv: ModuleDef = lowering.Conv
   norm: ModuleDef = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
   activation: Callable = nn.relu
   dtype: jnp.dtype = jnp.float32

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from cnnjax.models import lowering
+
 ModuleDef = Any
 Array = jax.Array
 
@@ -80,7 +82,7 @@ def max_pool(x: Array, window: int, stride: int, padding: int = 0,
     pads = tuple(_ceil_pool_padding(s, window, stride, padding) for s in x.shape[1:3])
   else:
     pads = ((padding, padding), (padding, padding))
-  return nn.max_pool(x, (window, window), (stride, stride), padding=pads)
+  return lowering.max_pool(x, (window, window), (stride, stride), pads)
 
 
 def avg_pool(x: Array, window: int, stride: int) -> Array:

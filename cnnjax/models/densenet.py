@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cnnjax.models import common
+from cnnjax.models import common, lowering
 from cnnjax.registry import register_model
 
 ModuleDef = common.ModuleDef
@@ -55,7 +55,7 @@ class DenseNet(nn.Module):
   bn_size: int = 4
   compression: float = 0.5
   num_classes: int = 1000
-  conv: ModuleDef = nn.Conv
+  conv: ModuleDef = lowering.Conv
   norm: ModuleDef = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32

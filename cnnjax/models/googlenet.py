@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cnnjax.models import common
+from cnnjax.models import common, lowering
 from cnnjax.registry import register_model
 
 ModuleDef = common.ModuleDef
@@ -35,7 +35,7 @@ class ConvBN(nn.Module):
   features: int
   kernel: int
   strides: int = 1
-  conv: ModuleDef = nn.Conv
+  conv: ModuleDef = lowering.Conv
   norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
@@ -103,7 +103,7 @@ class GoogLeNet(nn.Module):
   five_by_five: int = 3
   dropout: float = 0.2
   aux_dropout: float = 0.7
-  conv: ModuleDef = nn.Conv
+  conv: ModuleDef = lowering.Conv
   norm: ModuleDef = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-3)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cnnjax.models import blockspec, common
+from cnnjax.models import blockspec, common, lowering
 
 ModuleDef = common.ModuleDef
 
@@ -106,7 +106,7 @@ class MobileConvNet(nn.Module):
   separable: bool = True
   padding: str = "SAME"
   activation: Callable = nn.swish
-  conv: ModuleDef = nn.Conv
+  conv: ModuleDef = lowering.Conv
   norm: ModuleDef = functools.partial(nn.BatchNorm, momentum=0.99, epsilon=1e-3)
   kernel_init: Callable = common.tf_efficientnet_conv_init
   dense_init: Callable = common.tf_efficientnet_dense_init

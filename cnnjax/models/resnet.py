@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cnnjax.models import common
+from cnnjax.models import common, lowering
 from cnnjax.registry import register_model
 
 ModuleDef = common.ModuleDef
@@ -76,7 +76,7 @@ class ResNet(nn.Module):
   num_classes: int = 1000
   width: int = 64
   zero_init_last: bool = False
-  conv: ModuleDef = nn.Conv
+  conv: ModuleDef = lowering.Conv
   norm: ModuleDef = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
   activation: Callable = nn.relu
   dtype: jnp.dtype = jnp.float32

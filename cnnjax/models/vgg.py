@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cnnjax.models import common
+from cnnjax.models import common, lowering
 from cnnjax.registry import register_model
 
 ModuleDef = common.ModuleDef
@@ -36,7 +36,7 @@ class VGG(nn.Module):
   num_classes: int = 1000
   hidden: int = 4096
   dropout: float = 0.5
-  conv: ModuleDef = nn.Conv
+  conv: ModuleDef = lowering.Conv
   norm: ModuleDef = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32

@@ -294,10 +294,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   devices = _Devices(run, config.parallelism, config.fast_compile)
 
   loss_scale = config.initial_loss_scale if config.dtype == "float16" else None
-  init = jax.jit(lambda: steps.create_state(run.model, run.tx, run.image_shape, config.seed,
-                                            ema=config.ema_decay > 0, loss_scale=loss_scale),
-                 out_shardings=devices.replicated)
-  state = init()
+  state = steps.init_state(run.model, run.tx, run.image_shape, config.seed,
+                           ema=config.ema_decay > 0, loss_scale=loss_scale,
+                           sharding=devices.replicated)
   latest = checkpoint_lib.make_manager(workdir / "checkpoints", config.keep_checkpoints,
                                        async_save=config.async_checkpoint)
   best = (checkpoint_lib.make_manager(workdir / "best", 1, async_save=config.async_checkpoint)

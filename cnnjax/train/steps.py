@@ -77,6 +77,20 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, image_shape
                      if loss_scale else None))
 
 
+# Initialisation runs once: its compile, not its speed, is what costs (11 s against
+# 3 s at XLA optimisation level 0 for a MobileNet v2), and the values are identical.
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, image_shape, seed: int,
+               ema: bool = False, loss_scale: float | None = None,
+               sharding: NamedSharding | None = None) -> TrainState:
+  """`create_state` compiled cheaply, placed with `sharding` (default: the default device)."""
+  init = jax.jit(functools.partial(create_state, model, tx, tuple(image_shape), seed, ema,
+                                   loss_scale), out_shardings=sharding)
+  return init.lower().compile(compiler_options=INIT_COMPILER_OPTIONS)()
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
                   label_smoothing: float = 0.0) -> jax.Array:
   """Per-example softmax cross-entropy against smoothed one-hot targets."""

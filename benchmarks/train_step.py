@@ -1,0 +1,216 @@
+"""Training and inference step time of cnnjax against torchvision (PyTorch eager) on CPU.
+
+    make bench                       # installs torch + torchvision, then runs this
+    python -m benchmarks.train_step [--models resnet18,...] [--sizes 64,128] [--rounds 12]
+
+For each model and input size, batch 16 and 10 classes:
+- the training step: forward, softmax cross-entropy, backward, SGD with
+  momentum 0.9 (cnnjax: one compiled `jax.jit` step from `cnnjax.train.steps`,
+  state donated; PyTorch: `model.train()`, `loss.backward()`, `optimizer.step()`);
+- inference: the forward pass in eval mode (PyTorch under `inference_mode`).
+
+Runs are interleaved (one cnnjax step, one PyTorch step, repeated) so both see
+the same machine state; the medians are compared as a ratio cnnjax/PyTorch.
+Achieved FLOP/s use cnnjax's own FLOP count of the forward pass (training is
+counted as 3x forward) and are given as a fraction of the measured float32
+matmul peak. Compile time of cnnjax's training step is measured in fresh
+subprocesses: cold (empty compilation cache) and warm (the same cache again).
+Writes benchmarks/results/train_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121")
+SIZES = (64, 128)
+BATCH = 16
+CLASSES = 10
+
+
+def _jax_steps(name: str, size: int):
+  import jax
+  import jax.numpy as jnp
+
+  import cnnjax
+  from cnnjax import analysis
+  from cnnjax.train import optim, steps
+
+  model = cnnjax.create_model(name, num_classes=CLASSES)
+  shape = optim.schedule_shape("constant", 1, 1)
+  tx = optim.make_optimizer("sgd", shape, learning_rate=0.01, momentum=0.9)
+  train, _ = steps.jit_steps(model, tx, steps.StepConfig(), steps.make_mesh(jax.devices()[:1]))
+  state = steps.init_state(model, tx, (size, size, 3), seed=0)
+  images = jax.random.normal(jax.random.key(0), (BATCH, size, size, 3))
+  batch = {"image": images, "label": jnp.arange(BATCH, dtype=jnp.int32) % CLASSES}
+  infer = jax.jit(lambda s, x: model.apply({"params": s.params, "batch_stats": s.batch_stats},
+                                           x, train=False))
+  holder = {"state": state}
+
+  def train_once():
+    holder["state"], metrics = train(holder["state"], batch)
+    jax.block_until_ready(metrics)
+
+  def infer_once():
+    jax.block_until_ready(infer(holder["state"], images))
+
+  return train_once, infer_once, analysis.flops(model, size)
+
+
+def _torch_steps(name: str, size: int):
+  import torch
+  import torchvision
+
+  torch.manual_seed(0)
+  model = getattr(torchvision.models, name)(num_classes=CLASSES)
+  optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+  loss_fn = torch.nn.CrossEntropyLoss()
+  images = torch.randn(BATCH, 3, size, size)
+  labels = torch.arange(BATCH) % CLASSES
+
+  def train_once():
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model(images), labels)
+    loss.backward()
+    optimizer.step()
+
+  def infer_once():
+    model.eval()
+    with torch.inference_mode():
+      model(images)
+
+  return train_once, infer_once
+
+
+def matmul_peak(repeats: int = 10, n: int = 2048) -> dict:
+  """float32 GFLOP/s of a large square matmul, in JAX and in PyTorch."""
+  import jax
+  import jax.numpy as jnp
+  import torch
+
+  a = jax.random.normal(jax.random.key(0), (n, n))
+  dot = jax.jit(jnp.dot)
+  jax.block_until_ready(dot(a, a))
+  ta = torch.randn(n, n)
+  torch.mm(ta, ta)
+  jax_times, torch_times = [], []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(dot(a, a))
+    jax_times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    torch.mm(ta, ta)
+    torch_times.append(time.perf_counter() - start)
+  flop = 2 * n**3
+  return {"n": n, "jax_gflops": flop / statistics.median(jax_times) / 1e9,
+          "torch_gflops": flop / statistics.median(torch_times) / 1e9}
+
+
+def interleaved(pairs: dict, rounds: int, warmup: int = 2) -> dict:
+  """Median seconds per callable, timing them in alternation for `rounds` rounds."""
+  for fn in pairs.values():
+    for _ in range(warmup):
+      fn()
+  times = {key: [] for key in pairs}
+  for _ in range(rounds):
+    for key, fn in pairs.items():
+      start = time.perf_counter()
+      fn()
+      times[key].append(time.perf_counter() - start)
+  return {key: statistics.median(values) for key, values in times.items()}
+
+
+_COMPILE_CHILD = """
+import json, sys, time
+import jax
+jax.config.update("jax_compilation_cache_dir", sys.argv[2])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+import jax.numpy as jnp
+import cnnjax
+from cnnjax.train import optim, steps
+model = cnnjax.create_model(sys.argv[1], num_classes=10)
+size = int(sys.argv[3])
+tx = optim.make_optimizer("sgd", optim.schedule_shape("constant", 1, 1), learning_rate=0.01)
+train, _ = steps.jit_steps(model, tx, steps.StepConfig(), steps.make_mesh(jax.devices()[:1]))
+state = jax.eval_shape(lambda: steps.create_state(model, tx, (size, size, 3), seed=0))
+batch = {"image": jax.ShapeDtypeStruct((16, size, size, 3), jnp.float32),
+         "label": jax.ShapeDtypeStruct((16,), jnp.int32)}
+start = time.perf_counter()
+lowered = train.lower(state, batch)
+traced = time.perf_counter()
+lowered.compile()
+done = time.perf_counter()
+print(json.dumps({"trace_s": traced - start, "compile_s": done - traced}))
+"""
+
+
+def compile_times(name: str, size: int) -> dict:
+  """Cold and warm-cache compile of the training step, each in a fresh process."""
+  with tempfile.TemporaryDirectory() as cache:
+    results = {}
+    for label in ("cold", "warm"):
+      out = subprocess.run([sys.executable, "-c", _COMPILE_CHILD, name, cache, str(size)],
+                           check=True, capture_output=True, text=True)
+      results[label] = json.loads(out.stdout.strip().splitlines()[-1])
+  return results
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--models", default=",".join(MODELS))
+  parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+  parser.add_argument("--rounds", type=int, default=10)
+  parser.add_argument("--compile_model", default="resnet50")
+  parser.add_argument("--output", default="train_step")
+  args = parser.parse_args(argv)
+
+  import torch
+
+  from benchmarks import common
+
+  peak = matmul_peak()
+  print(f"matmul peak: jax {peak['jax_gflops']:.0f} GFLOP/s, torch {peak['torch_gflops']:.0f} GFLOP/s",
+        flush=True)
+  rows = []
+  for name in args.models.split(","):
+    for size in map(int, args.sizes.split(",")):
+      jax_train, jax_infer, forward_flops = _jax_steps(name, size)
+      torch_train, torch_infer = _torch_steps(name, size)
+      medians = interleaved({"jax_train": jax_train, "torch_train": torch_train,
+                             "jax_infer": jax_infer, "torch_infer": torch_infer}, args.rounds)
+      row = {"model": name, "size": size, "batch": BATCH, "forward_gflop": forward_flops / 1e9,
+             **{f"{key}_s": value for key, value in medians.items()}}
+      for mode, flop in (("train", 3 * forward_flops), ("infer", forward_flops)):
+        row[f"{mode}_ratio"] = medians[f"jax_{mode}"] / medians[f"torch_{mode}"]
+        for lib in ("jax", "torch"):
+          rate = BATCH * flop / medians[f"{lib}_{mode}"]
+          row[f"{lib}_{mode}_peak_fraction"] = rate / (peak["jax_gflops"] * 1e9)
+      rows.append(row)
+      print(f"{name:16s} {size:4d}  train {row['jax_train_s']:.3f}s vs {row['torch_train_s']:.3f}s "
+            f"(x{row['train_ratio']:.2f}, {row['jax_train_peak_fraction']:.0%} of peak)  "
+            f"infer {row['jax_infer_s']:.3f}s vs {row['torch_infer_s']:.3f}s "
+            f"(x{row['infer_ratio']:.2f})", flush=True)
+  compile_record = None
+  if args.compile_model:
+    compile_record = {"model": args.compile_model, "size": 224,
+                      **compile_times(args.compile_model, 224)}
+    print(f"compile {args.compile_model}@224: {compile_record}", flush=True)
+  path = common.write(args.output, {
+      "command": "python -m benchmarks.train_step " + " ".join(argv or sys.argv[1:]),
+      "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""), "matmul_peak": peak, "rows": rows,
+      "compile": compile_record})
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()

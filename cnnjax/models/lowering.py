@@ -1,0 +1,258 @@
+"""How convolutions and max pooling are lowered: XLA's own ops or faster equivalents.
+
+XLA:CPU's convolution emitter is slow in cases CNNs hit constantly: depthwise
+convolutions, and 3x3 convolutions over small maps (a 2x2 map runs ~80x below
+the machine's matmul rate); its max-pool gradient (select-and-scatter) is ~13x
+slower than the forward pass. Every model builds its convolutions with `Conv`,
+whose `conv_general_dilated` computes exactly what `lax.conv_general_dilated`
+computes, with a lowering picked per call from static shapes:
+- "pointwise": a 1x1 convolution is a matmul over (batch*positions, channels);
+  a strided one takes the strided positions first;
+- "im2col": a kxk convolution gathers its k*k shifted (strided) views of the
+  padded input into one (positions, k*k*in) patch matrix and multiplies it by
+  the kernel reshaped to (k*k*in, out);
+- "shift_add": a depthwise convolution (one input channel per group) is the
+  sum over the k*k window offsets of shifted views times a per-channel weight,
+  elementwise work XLA fuses into a few loops;
+- "xla": `lax.conv_general_dilated` itself, for everything else (grouped
+  convolutions, input dilation, non-NHWC layouts) and whenever
+  `use("xla")` is active.
+
+`max_pool` takes the maximum over the window's shifted views; its gradient
+goes to the first maximal element of each window in row-major order, the
+element XLA's select-and-scatter picks, so ties (common after a ReLU) are
+broken identically.
+
+The mode is read at trace time from a context variable, so `with
+use("xla"):` traces the reference computation; `cnnjax.analysis` traces
+that way, so FLOP counts and receptive fields see one convolution primitive
+(and pooling window) per layer whatever lowering runs. Gradients are those of the lowered
+computation (slices transpose to pads, the matmul to matmuls).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax import lax
+
+MODES = ("auto", "xla")
+
+_MODE = contextvars.ContextVar("cnnjax_lowering", default="auto")
+
+
+@contextlib.contextmanager
+def use(mode: str) -> Iterator[None]:
+  """Within the block, `Conv` and `max_pool` trace with `mode` ("auto" or "xla")."""
+  if mode not in MODES:
+    raise ValueError(f"unknown convolution lowering {mode!r}; choose one of {MODES}")
+  token = _MODE.set(mode)
+  try:
+    yield
+  finally:
+    _MODE.reset(token)
+
+
+def current_mode() -> str:
+  return _MODE.get()
+
+
+def _explicit_padding(padding, in_spatial, kernel, strides, dilation) -> list[tuple[int, int]]:
+  if isinstance(padding, str):
+    dilated = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
+    return list(lax.padtype_to_pads(in_spatial, dilated, strides, padding))
+  return [tuple(p) for p in padding]
+
+
+def choose(lhs_shape, rhs_shape, window_strides, lhs_dilation, dimension_numbers,
+           feature_group_count: int, batch_group_count: int) -> str:
+  """The lowering `conv_general_dilated` uses for these static arguments."""
+  if _MODE.get() == "xla":
+    return "xla"
+  nhwc = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+  if (len(lhs_shape) != 4 or batch_group_count != 1
+      or any(d != 1 for d in (lhs_dilation or (1, 1)))
+      or lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers) != nhwc):
+    return "xla"
+  kh, kw, in_per_group, _ = rhs_shape
+  in_features = lhs_shape[3]
+  if feature_group_count == 1:
+    return "pointwise" if (kh, kw) == (1, 1) else "im2col"
+  if feature_group_count == in_features == rhs_shape[3] and in_per_group == 1:
+    return "shift_add"
+  return "xla"
+
+
+def _windows(x, kernel, strides, dilation, out_spatial) -> list[jax.Array]:
+  """The kh*kw shifted, strided views of padded NHWC `x`, each (N, Ho, Wo, C)."""
+  (kh, kw), (sh, sw), (dh, dw), (ho, wo) = kernel, strides, dilation, out_spatial
+  views = []
+  for i in range(kh):
+    for j in range(kw):
+      start = (0, i * dh, j * dw, 0)
+      limit = (x.shape[0], i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, x.shape[3])
+      views.append(lax.slice(x, start, limit, (1, sh, sw, 1)))
+  return views
+
+
+def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
+                         batch_group_count: int = 1, precision=None,
+                         preferred_element_type=None) -> jax.Array:
+  """`lax.conv_general_dilated` with the same signature, lowered as `choose` says."""
+  method = choose(lhs.shape, rhs.shape, window_strides, lhs_dilation, dimension_numbers,
+                  feature_group_count, batch_group_count)
+  if method == "xla":
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, precision=precision,
+        preferred_element_type=preferred_element_type)
+  kh, kw, in_per_group, out_features = rhs.shape
+  strides = tuple(window_strides)
+  dilation = tuple(rhs_dilation or (1, 1))
+  pads = _explicit_padding(padding, lhs.shape[1:3], (kh, kw), strides, dilation)
+  padded = lhs
+  if any(p != (0, 0) for p in pads):
+    # lax.pad accepts negative padding (cropping) exactly as convolutions do.
+    padded = lax.pad(lhs, jnp.zeros((), lhs.dtype), [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads],
+                                                     (0, 0, 0)])
+  out_spatial = tuple((padded.shape[1 + a] - ((kh, kw)[a] - 1) * dilation[a] - 1) // strides[a] + 1
+                      for a in range(2))
+  dtype = preferred_element_type
+  if method == "shift_add":
+    views = _windows(padded, (kh, kw), strides, dilation, out_spatial)
+    weights = rhs.reshape(kh * kw, out_features)
+    out = views[0] * weights[0]
+    for view, weight in zip(views[1:], weights[1:]):
+      out = out + view * weight
+    return out if dtype is None else out.astype(dtype)
+  if method == "pointwise":
+    columns = _windows(padded, (1, 1), strides, dilation, out_spatial)[0]
+    kernel = rhs.reshape(in_per_group, out_features)
+    return lax.dot_general(columns, kernel, (((3,), (0,)), ((), ())), precision=precision,
+                           preferred_element_type=dtype)
+  geometry = _Geometry((kh, kw), strides, dilation, out_spatial, precision,
+                       _xla_forward(padded.shape, strides))
+  out = _dense_conv(padded, rhs, geometry)
+  return out if dtype is None else out.astype(dtype)
+
+
+class _Geometry(NamedTuple):
+  kernel: tuple[int, int]
+  strides: tuple[int, int]
+  dilation: tuple[int, int]
+  out_spatial: tuple[int, int]
+  precision: Any
+  xla_forward: bool
+
+
+def _xla_forward(padded_shape, strides) -> bool:
+  """Whether XLA's convolution beats im2col for the forward pass (measured on CPU).
+
+  Over large maps the patch matrix costs more memory traffic than XLA's direct
+  convolution; with few input channels (a stem) the patch gather is mostly
+  overhead. Elsewhere (small maps, strided) im2col wins, up to ~25x on 2x2 maps.
+  """
+  positions = (padded_shape[1] // strides[0]) * (padded_shape[2] // strides[1])
+  return padded_shape[3] < 8 or (positions >= 256 and strides == (1, 1))
+
+
+def _im2col(padded, geometry: _Geometry):
+  # (N, Ho, Wo, kh*kw*C) ordered (i, j, c), the row-major order of the HWIO kernel.
+  return jnp.concatenate(_windows(padded, geometry.kernel, geometry.strides, geometry.dilation,
+                                  geometry.out_spatial), axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense_conv(padded, kernel, geometry: _Geometry):
+  """A kxk convolution of pre-padded NHWC input; the backward pass is always im2col.
+
+  XLA:CPU's filter gradient is its slowest convolution (2-3x im2col's matmul on
+  large maps), so both gradients come from the patch matrix whatever computed
+  the forward pass.
+  """
+  if geometry.xla_forward:
+    return lax.conv_general_dilated(padded, kernel, geometry.strides, "VALID",
+                                    rhs_dilation=geometry.dilation,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=geometry.precision)
+  kh, kw, in_features, out_features = kernel.shape
+  return lax.dot_general(_im2col(padded, geometry),
+                         kernel.reshape(kh * kw * in_features, out_features),
+                         (((3,), (0,)), ((), ())), precision=geometry.precision)
+
+
+def _dense_conv_fwd(padded, kernel, geometry):
+  return _dense_conv(padded, kernel, geometry), (padded, kernel)
+
+
+def _dense_conv_bwd(geometry, residuals, grad):
+  padded, kernel = residuals
+  kh, kw, in_features, out_features = kernel.shape
+  columns, columns_transpose = jax.vjp(lambda p: _im2col(p, geometry), padded)
+  flat_kernel = kernel.reshape(kh * kw * in_features, out_features)
+  grad_kernel = lax.dot_general(columns, grad, (((0, 1, 2), (0, 1, 2)), ((), ())),
+                                precision=geometry.precision)
+  grad_columns = lax.dot_general(grad, flat_kernel, (((3,), (1,)), ((), ())),
+                                 precision=geometry.precision)
+  (grad_padded,) = columns_transpose(grad_columns)
+  return grad_padded, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_dense_conv.defvjp(_dense_conv_fwd, _dense_conv_bwd)
+
+
+def _max_pool_padded(padded, window, strides, out_spatial):
+  views = _windows(padded, window, strides, (1, 1), out_spatial)
+  return functools.reduce(jnp.maximum, views)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(padded, window, strides, out_spatial):
+  return _max_pool_padded(padded, window, strides, out_spatial)
+
+
+def _max_pool_fwd(padded, window, strides, out_spatial):
+  out = _max_pool_padded(padded, window, strides, out_spatial)
+  return out, (padded, out)
+
+
+def _max_pool_bwd(window, strides, out_spatial, residuals, grad):
+  padded, out = residuals
+  views, transpose = jax.vjp(lambda p: _windows(p, window, strides, (1, 1), out_spatial), padded)
+  unclaimed = jnp.ones(out.shape, bool)
+  contributions = []
+  for view in views:
+    first = unclaimed & (view == out)
+    unclaimed = unclaimed & ~first
+    contributions.append(jnp.where(first, grad, jnp.zeros_like(grad)))
+  return transpose(contributions)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int],
+             padding: Sequence[tuple[int, int]]) -> jax.Array:
+  """`flax.linen.max_pool` on NHWC with explicit (-inf) padding, lowered as the mode says."""
+  window, strides, padding = tuple(window), tuple(strides), [tuple(p) for p in padding]
+  if _MODE.get() == "xla" or x.ndim != 4:
+    return nn.max_pool(x, window, strides, padding=padding)
+  padded = x
+  if any(p != (0, 0) for p in padding):
+    padded = lax.pad(x, jnp.array(-jnp.inf, x.dtype),
+                     [(0, 0, 0), *[(lo, hi, 0) for lo, hi in padding], (0, 0, 0)])
+  out_spatial = tuple((padded.shape[1 + a] - window[a]) // strides[a] + 1 for a in range(2))
+  return _max_pool(padded, window, strides, out_spatial)
+
+
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+Conv.__doc__ = "`flax.linen.Conv` lowered by `cnnjax.models.lowering.conv_general_dilated`."
