@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test run clean
+.PHONY: install test run bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,17 @@ test: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/python -m experiments.run $(ARGS)
+
+# PyTorch and torchvision are only the benchmark's peer; they are not dependencies of cnnjax.
+# (PyPI's wheels: the CPU kernels are the same as the CPU-only build's.)
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install 'torch>=2.4' 'torchvision>=0.19'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.train_step $(ARGS)
 
 clean:
 	rm -rf $(VENV) .jax_cache .pytest_cache

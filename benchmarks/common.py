@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import pathlib
-import platform
 import statistics
 import time
 
@@ -14,19 +12,9 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 
 
 def machine() -> dict:
-  import jax  # noqa: PLC0415
+  from cnnjax.experiments import reports  # noqa: PLC0415
 
-  cpu = platform.processor() or ""
-  try:
-    for line in open("/proc/cpuinfo", encoding="utf-8"):
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-          "python": platform.python_version(), "jax": jax.__version__,
-          "devices": [str(d) for d in jax.devices()]}
+  return reports.machine()
 
 
 def write(name: str, payload: dict) -> pathlib.Path:

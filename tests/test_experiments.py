@@ -72,6 +72,26 @@ def test_smoke_variant_runs_and_writes_what_it_promises(name, data_env, tmp_path
       json.loads(path.read_text())
   if name == "quickstart":
     assert "final test accuracy" in out and (workdir / "checkpoints").is_dir()
+  if name == "degradation":
+    _check_publishing(workdir, tmp_path / "published" / name, capsys)
+
+
+def _check_publishing(workdir, destination, capsys):
+  """A finished run is published with provenance once; a second publish is refused."""
+  config = f"--config={CONFIGS / 'degradation'}.py:smoke"
+  assert _run([config, f"--workdir={workdir}", f"--publish={destination}"]) == 0
+  copied = sorted(p.name for p in destination.iterdir())
+  assert copied == sorted(["PROVENANCE.md", "report.md", "results.csv", "results.json",
+                           *[p.name for p in workdir.glob("*.png")]])
+  assert (destination / "results.csv").read_bytes() == (workdir / "results.csv").read_bytes()
+  provenance = (destination / "PROVENANCE.md").read_text()
+  assert "--publish" in provenance and "degradation.py:smoke" in provenance
+  assert " cores, " in provenance and "jax " in provenance
+  before = {p.name: p.read_bytes() for p in destination.iterdir()}
+  capsys.readouterr()
+  assert _run([config, f"--workdir={workdir}", f"--publish={destination}"]) == 2
+  assert "already exists; published results are never overwritten" in capsys.readouterr().err
+  assert {p.name: p.read_bytes() for p in destination.iterdir()} == before
 
 
 def test_a_typo_in_a_config_key_is_an_error_that_names_it(capsys):

