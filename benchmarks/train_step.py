@@ -9,7 +9,9 @@ For each model and input size, batch 16 and 10 classes:
   state donated; PyTorch: `model.train()`, `loss.backward()`, `optimizer.step()`);
 - inference: the forward pass in eval mode (PyTorch under `inference_mode`).
 
-Runs are interleaved (one cnnjax step, one PyTorch step, repeated) so both see
+With `--plain_xla` (the default) the same cnnjax steps traced with plain XLA
+convolutions (`cnnjax.models.lowering.use("xla")`) are timed as well, which
+shows what the CPU lowering buys. Runs are interleaved (one cnnjax step, one PyTorch step, repeated) so both see
 the same machine state; the medians are compared as a ratio cnnjax/PyTorch.
 Achieved FLOP/s use cnnjax's own FLOP count of the forward pass (training is
 counted as 3x forward) and are given as a fraction of the measured float32
@@ -35,12 +37,14 @@ BATCH = 16
 CLASSES = 10
 
 
-def _jax_steps(name: str, size: int):
+def _jax_steps(name: str, size: int, mode: str = "auto"):
+  """Compiled train and inference steps; `mode` "xla" traces the plain XLA convolutions."""
   import jax
   import jax.numpy as jnp
 
   import cnnjax
   from cnnjax import analysis
+  from cnnjax.models import lowering
   from cnnjax.train import optim, steps
 
   model = cnnjax.create_model(name, num_classes=CLASSES)
@@ -52,6 +56,9 @@ def _jax_steps(name: str, size: int):
   batch = {"image": images, "label": jnp.arange(BATCH, dtype=jnp.int32) % CLASSES}
   infer = jax.jit(lambda s, x: model.apply({"params": s.params, "batch_stats": s.batch_stats},
                                            x, train=False))
+  with lowering.use(mode):  # tracing happens at the first call, so compile here
+    train = train.lower(state, batch).compile()
+    infer = infer.lower(state, images).compile()
   holder = {"state": state}
 
   def train_once():
@@ -171,6 +178,8 @@ def main(argv=None) -> None:
   parser.add_argument("--rounds", type=int, default=10)
   parser.add_argument("--compile_model", default="resnet50")
   parser.add_argument("--output", default="train_step")
+  parser.add_argument("--plain_xla", action=argparse.BooleanOptionalAction, default=True,
+                      help="also time cnnjax with plain XLA convolutions (lowering.use('xla'))")
   args = parser.parse_args(argv)
 
   import torch
@@ -185,12 +194,18 @@ def main(argv=None) -> None:
     for size in map(int, args.sizes.split(",")):
       jax_train, jax_infer, forward_flops = _jax_steps(name, size)
       torch_train, torch_infer = _torch_steps(name, size)
-      medians = interleaved({"jax_train": jax_train, "torch_train": torch_train,
-                             "jax_infer": jax_infer, "torch_infer": torch_infer}, args.rounds)
+      steps_to_time = {"jax_train": jax_train, "torch_train": torch_train,
+                       "jax_infer": jax_infer, "torch_infer": torch_infer}
+      if args.plain_xla:
+        plain_train, plain_infer, _ = _jax_steps(name, size, mode="xla")
+        steps_to_time.update(xla_train=plain_train, xla_infer=plain_infer)
+      medians = interleaved(steps_to_time, args.rounds)
       row = {"model": name, "size": size, "batch": BATCH, "forward_gflop": forward_flops / 1e9,
              **{f"{key}_s": value for key, value in medians.items()}}
       for mode, flop in (("train", 3 * forward_flops), ("infer", forward_flops)):
         row[f"{mode}_ratio"] = medians[f"jax_{mode}"] / medians[f"torch_{mode}"]
+        if args.plain_xla:
+          row[f"xla_{mode}_ratio"] = medians[f"xla_{mode}"] / medians[f"torch_{mode}"]
         for lib in ("jax", "torch"):
           rate = BATCH * flop / medians[f"{lib}_{mode}"]
           row[f"{lib}_{mode}_peak_fraction"] = rate / (peak["jax_gflops"] * 1e9)
@@ -209,7 +224,25 @@ def main(argv=None) -> None:
       "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "matmul_peak": peak, "rows": rows,
       "compile": compile_record})
-  print(f"wrote {path}")
+  print(f"wrote {path}\n")
+  print(markdown(rows))
+
+
+def markdown(rows: list[dict]) -> str:
+  """The table BENCHMARKS.md shows."""
+  def plain(r, mode):
+    return f"{r[f'xla_{mode}_ratio']:.2f}" if f"xla_{mode}_ratio" in r else "-"
+
+  lines = ["| model | size | train cnnjax | train PyTorch | ratio | ratio, plain XLA | "
+           "cnnjax % of peak | infer cnnjax | infer PyTorch | ratio | ratio, plain XLA |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(
+        f"| {r['model']} | {r['size']} | {1e3 * r['jax_train_s']:.0f} ms | "
+        f"{1e3 * r['torch_train_s']:.0f} ms | **{r['train_ratio']:.2f}** | {plain(r, 'train')} | "
+        f"{100 * r['jax_train_peak_fraction']:.0f}% | {1e3 * r['jax_infer_s']:.0f} ms | "
+        f"{1e3 * r['torch_infer_s']:.0f} ms | **{r['infer_ratio']:.2f}** | {plain(r, 'infer')} |")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -21,16 +21,19 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 
 # (input NHWC, kernel HWIO, strides, padding, rhs dilation, groups, expected lowering)
 CASES = {
-    "3x3 same": ((2, 9, 9, 5), (3, 3, 5, 7), (1, 1), "SAME", (1, 1), 1, "im2col"),
-    "3x3 stride 2 tf-same even": ((2, 8, 8, 4), (3, 3, 4, 6), (2, 2), "SAME", (1, 1), 1, "im2col"),
-    "3x3 on a 2x2 map": ((3, 2, 2, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1)), (1, 1), 1, "im2col"),
-    "7x7 stride 2 pad 3": ((2, 15, 13, 3), (7, 7, 3, 4), (2, 2), ((3, 3), (3, 3)), (1, 1), 1,
+    "3x3 same": ((2, 9, 9, 5), (3, 3, 5, 32), (1, 1), "SAME", (1, 1), 1, "im2col"),
+    "3x3 stride 2 tf-same even": ((2, 8, 8, 4), (3, 3, 4, 32), (2, 2), "SAME", (1, 1), 1,
+                                  "im2col"),
+    "3x3 on a 2x2 map": ((3, 2, 2, 8), (3, 3, 8, 32), (1, 1), ((1, 1), (1, 1)), (1, 1), 1,
+                         "im2col"),
+    "7x7 stride 2 pad 3": ((2, 15, 13, 3), (7, 7, 3, 32), (2, 2), ((3, 3), (3, 3)), (1, 1), 1,
                            "im2col"),
-    "5x5 valid": ((1, 11, 11, 2), (5, 5, 2, 3), (1, 1), "VALID", (1, 1), 1, "im2col"),
-    "3x3 asymmetric pad": ((2, 7, 6, 3), (3, 3, 3, 2), (2, 1), ((0, 2), (1, 0)), (1, 1), 1,
+    "5x5 valid": ((1, 11, 11, 2), (5, 5, 2, 33), (1, 1), "VALID", (1, 1), 1, "im2col"),
+    "3x3 asymmetric pad": ((2, 7, 6, 3), (3, 3, 3, 32), (2, 1), ((0, 2), (1, 0)), (1, 1), 1,
                            "im2col"),
-    "3x3 dilated": ((1, 10, 10, 3), (3, 3, 3, 4), (1, 1), ((2, 2), (2, 2)), (2, 2), 1, "im2col"),
-    "1x5 rectangular": ((2, 6, 9, 3), (1, 5, 3, 4), (1, 1), "SAME", (1, 1), 1, "im2col"),
+    "3x3 dilated": ((1, 10, 10, 3), (3, 3, 3, 32), (1, 1), ((2, 2), (2, 2)), (2, 2), 1, "im2col"),
+    "1x5 rectangular": ((2, 6, 9, 3), (1, 5, 3, 32), (1, 1), "SAME", (1, 1), 1, "im2col"),
+    "3x3 narrow (XLA)": ((2, 9, 9, 5), (3, 3, 5, 16), (1, 1), "SAME", (1, 1), 1, "xla"),
     "1x1": ((2, 5, 5, 6), (1, 1, 6, 4), (1, 1), "VALID", (1, 1), 1, "pointwise"),
     "1x1 stride 2": ((2, 7, 7, 6), (1, 1, 6, 4), (2, 2), "VALID", (1, 1), 1, "pointwise"),
     "depthwise 3x3": ((2, 9, 9, 6), (3, 3, 1, 6), (1, 1), "SAME", (1, 1), 6, "shift_add"),
@@ -73,7 +76,7 @@ def test_lowering_matches_xla_in_value_and_gradients(case, forward, monkeypatch)
 
 def test_xla_mode_forces_the_reference_and_rejects_unknown_modes():
   with lowering.use("xla"):
-    assert lowering.choose((1, 4, 4, 2), (3, 3, 2, 2), (1, 1), None, NHWC, 1, 1) == "xla"
+    assert lowering.choose((1, 4, 4, 2), (3, 3, 2, 32), (1, 1), None, NHWC, 1, 1) == "xla"
   assert lowering.current_mode() == "auto"
   with pytest.raises(ValueError, match="unknown convolution lowering 'fast'"):
     with lowering.use("fast"):
@@ -88,7 +91,7 @@ def test_forward_choice_follows_the_measured_rule():
 
 
 def test_input_dilation_and_nchw_stay_on_xla():
-  assert lowering.choose((1, 4, 4, 2), (3, 3, 2, 2), (1, 1), (2, 2), NHWC, 1, 1) == "xla"
+  assert lowering.choose((1, 4, 4, 2), (3, 3, 2, 32), (1, 1), (2, 2), NHWC, 1, 1) == "xla"
   nchw = ("NCHW", "OIHW", "NCHW")
   assert lowering.choose((1, 2, 4, 4), (2, 2, 3, 3), (1, 1), None, nchw, 1, 1) == "xla"
 
@@ -101,7 +104,7 @@ def _primitives(model, size):
 
 
 def test_models_run_the_fast_path_by_default_and_analysis_still_counts_convolutions():
-  model = cnnjax.create_model("mobilenet_v2", num_classes=10, width=0.25)
+  model = cnnjax.create_model("mobilenet_v2", num_classes=10)  # every conv has >= 32 outputs
   assert "conv_general_dilated" not in _primitives(model, 32)
   with lowering.use("xla"):
     assert "conv_general_dilated" in _primitives(model, 32)

@@ -1,33 +1,36 @@
 """How convolutions and max pooling are lowered: XLA's own ops or faster equivalents.
 
 XLA:CPU's convolution emitter is slow in cases CNNs hit constantly: depthwise
-convolutions, and 3x3 convolutions over small maps (a 2x2 map runs ~80x below
-the machine's matmul rate); its max-pool gradient (select-and-scatter) is ~13x
-slower than the forward pass. Every model builds its convolutions with `Conv`,
-whose `conv_general_dilated` computes exactly what `lax.conv_general_dilated`
-computes, with a lowering picked per call from static shapes:
+convolutions, 3x3 convolutions over small maps (a 2x2 map runs 20-80x below
+the machine's matmul rate) and filter gradients; its max-pool gradient
+(select-and-scatter) is ~13x slower than the forward pass. Every model builds
+its convolutions with `Conv`, whose `conv_general_dilated` computes what
+`lax.conv_general_dilated` computes, lowered per call from static shapes:
 - "pointwise": a 1x1 convolution is a matmul over (batch*positions, channels);
   a strided one takes the strided positions first;
-- "im2col": a kxk convolution gathers its k*k shifted (strided) views of the
-  padded input into one (positions, k*k*in) patch matrix and multiplies it by
-  the kernel reshaped to (k*k*in, out);
+- "im2col": a kxk convolution with at least `MIN_IM2COL_FEATURES` outputs.
+  Its backward pass gathers the k*k shifted (strided) views of the padded
+  input into one (positions, k*k*in) patch matrix: the filter gradient is one
+  matmul with it, the input gradient a matmul scattered back through the
+  views. The forward pass is the patch matrix times the kernel reshaped to
+  (k*k*in, out), or XLA's convolution where that measured faster (large maps
+  at stride 1, 3-channel stems);
 - "shift_add": a depthwise convolution (one input channel per group) is the
   sum over the k*k window offsets of shifted views times a per-channel weight,
   elementwise work XLA fuses into a few loops;
-- "xla": `lax.conv_general_dilated` itself, for everything else (grouped
-  convolutions, input dilation, non-NHWC layouts) and whenever
-  `use("xla")` is active.
+- "xla": `lax.conv_general_dilated` itself, for everything else (thin
+  convolutions, grouped convolutions, input dilation, non-NHWC layouts) and
+  whenever `use("xla")` is active.
 
 `max_pool` takes the maximum over the window's shifted views; its gradient
 goes to the first maximal element of each window in row-major order, the
 element XLA's select-and-scatter picks, so ties (common after a ReLU) are
 broken identically.
 
-The mode is read at trace time from a context variable, so `with
-use("xla"):` traces the reference computation; `cnnjax.analysis` traces
-that way, so FLOP counts and receptive fields see one convolution primitive
-(and pooling window) per layer whatever lowering runs. Gradients are those of the lowered
-computation (slices transpose to pads, the matmul to matmuls).
+The mode is read at trace time from a context variable, so `with use("xla"):`
+traces the reference computation. `cnnjax.analysis` traces that way, so FLOP
+counts and receptive fields see one convolution primitive (and pooling
+window) per layer whatever lowering runs.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from flax import linen as nn
 from jax import lax
 
 MODES = ("auto", "xla")
+
+MIN_IM2COL_FEATURES = 32
 
 _MODE = contextvars.ContextVar("cnnjax_lowering", default="auto")
 
@@ -84,7 +89,11 @@ def choose(lhs_shape, rhs_shape, window_strides, lhs_dilation, dimension_numbers
   kh, kw, in_per_group, _ = rhs_shape
   in_features = lhs_shape[3]
   if feature_group_count == 1:
-    return "pointwise" if (kh, kw) == (1, 1) else "im2col"
+    if (kh, kw) == (1, 1):
+      return "pointwise"
+    # Few output channels make the patch matrix's matmuls thin (N < 32): XLA's own
+    # convolution is then faster, by 1.7x for a CIFAR ResNet of widths 8/16/32.
+    return "im2col" if rhs_shape[3] >= MIN_IM2COL_FEATURES else "xla"
   if feature_group_count == in_features == rhs_shape[3] and in_per_group == 1:
     return "shift_add"
   return "xla"

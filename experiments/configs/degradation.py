@@ -29,13 +29,13 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   t.data.mean, t.data.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
   t.model_overrides.widths = (8, 16, 32)
   t.batch_size = 128
-  t.num_epochs = 12.0
+  t.num_epochs = 6.0
   t.optimizer.learning_rate = 0.1
   t.optimizer.schedule = "multistep"
-  t.optimizer.boundaries_epochs = (8.0, 10.0)
+  t.optimizer.boundaries_epochs = (4.0, 5.0)
   t.optimizer.warmup_epochs = 0.5
   t.optimizer.weight_decay = 1e-4
-  t.eval_every_epochs = 3.0
+  t.eval_every_epochs = 2.0
   t.log_every_steps = 10
   if variant == "smoke":
     config.models = ("plain20", "resnet20")

@@ -1,0 +1,87 @@
+"""XLA:CPU compiler options against the default, on cnnjax training steps.
+
+    python -m benchmarks.xla_flags [--models resnet18,mobilenet_v2] [--size 64] [--rounds 6]
+
+Each option set is passed per compile (`compiled = jit(...).lower(...).compile(
+compiler_options=...)`), so one process compares them all on the same machine
+state, interleaved. The step is cnnjax's SGD training step at batch 16 with
+the default convolution lowering. Writes benchmarks/results/xla_flags.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+OPTION_SETS = {
+    "default": {},
+    "onednn": {"xla_cpu_use_onednn": True},
+    "no xnnpack": {"xla_cpu_use_xnnpack": False},
+    "xnn fusions": {"xla_cpu_experimental_xnn_fusion_type":
+                    "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE"},
+    "xnn graph fusion": {"xla_cpu_experimental_xnn_graph_fusion_mode":
+                         "XNN_GRAPH_FUSION_MODE_GREEDY"},
+    "ynn fusions": {"xla_cpu_experimental_ynn_fusion_type":
+                    "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE"},
+    "onednn fusions": {"xla_cpu_experimental_onednn_fusion_type":
+                       "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE"},
+    "fast math": {"xla_cpu_enable_fast_math": True},
+}
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--models", default="resnet18,mobilenet_v2")
+  parser.add_argument("--size", type=int, default=64)
+  parser.add_argument("--rounds", type=int, default=6)
+  args = parser.parse_args(argv)
+
+  import jax
+  import jax.numpy as jnp
+
+  import cnnjax
+  from benchmarks import common
+  from cnnjax.train import optim, steps
+
+  rows = []
+  for name in args.models.split(","):
+    model = cnnjax.create_model(name, num_classes=10)
+    tx = optim.make_optimizer("sgd", optim.schedule_shape("constant", 1, 1), learning_rate=0.01)
+    train, _ = steps.jit_steps(model, tx, steps.StepConfig(), steps.make_mesh(jax.devices()[:1]))
+    state = steps.init_state(model, tx, (args.size, args.size, 3), seed=0)
+    batch = {"image": jax.random.normal(jax.random.key(0), (16, args.size, args.size, 3)),
+             "label": jnp.arange(16, dtype=jnp.int32) % 10}
+    lowered = train.lower(state, batch)
+    compiled, compile_seconds, states = {}, {}, {}
+    for label, options in OPTION_SETS.items():
+      start = time.perf_counter()
+      try:
+        compiled[label] = lowered.compile(compiler_options=options)
+      except Exception as error:  # noqa: BLE001 - an option this jaxlib rejects is a result too
+        rows.append({"model": name, "options": label, "error": str(error)[:200]})
+        continue
+      compile_seconds[label] = time.perf_counter() - start
+      states[label] = jax.tree.map(jnp.copy, state)
+    times = {label: [] for label in compiled}
+    for round_ in range(args.rounds + 1):
+      for label, step in compiled.items():
+        start = time.perf_counter()
+        states[label], metrics = step(states[label], batch)
+        jax.block_until_ready(metrics)
+        if round_:  # the first round warms up
+          times[label].append(time.perf_counter() - start)
+    base = statistics.median(times["default"])
+    for label, values in times.items():
+      median = statistics.median(values)
+      rows.append({"model": name, "size": args.size, "options": label,
+                   "compiler_options": OPTION_SETS[label], "step_s": median,
+                   "relative_to_default": median / base, "compile_s": compile_seconds[label]})
+      print(f"{name:14s} {label:18s} {1e3 * median:7.1f} ms  x{median / base:.2f}  "
+            f"compile {compile_seconds[label]:.1f}s", flush=True)
+  path = common.write("xla_flags", {"command": "python -m benchmarks.xla_flags", "rows": rows})
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()
