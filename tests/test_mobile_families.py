@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import cnnjax
-from cnnjax.models import blockspec
+from cnnjax.models import blockspec, lowering
 
 
 def test_decode_stage_reads_the_original_block_strings():
@@ -60,7 +60,10 @@ def _stem_padding(name, size):
   model = cnnjax.create_model(name)
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape)))
-  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, x).jaxpr
+  # The padding convention is read off XLA's convolution; the fast lowering keeps it
+  # (tests/test_lowering.py compares the two for SAME and explicit padding).
+  with lowering.use("xla"):
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, x).jaxpr
   return next(e.params["padding"] for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated")
 
 
