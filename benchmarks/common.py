@@ -1,12 +1,15 @@
-"""What every benchmark records next to its numbers: the machine and the date."""
+"""What benchmarks share: the machine and the date beside every result, medians, and the
+SGD training step they time."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import pathlib
 import statistics
 import time
+from typing import Any
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -34,3 +37,30 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
     fn()
     times.append(time.perf_counter() - start)
   return statistics.median(times)
+
+
+@dataclasses.dataclass
+class SgdTraining:
+  """A model's compiled SGD (momentum 0.9) training step on one device, its state and a batch."""
+  model: Any
+  train: Any
+  state: Any
+  batch: dict
+
+
+def sgd_training(model_name: str, size: int, batch_size: int, num_classes: int = 10,
+                 **overrides) -> SgdTraining:
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  import cnnjax  # noqa: PLC0415
+  from cnnjax.train import optim, steps  # noqa: PLC0415
+
+  model = cnnjax.create_model(model_name, num_classes=num_classes, **overrides)
+  tx = optim.make_optimizer("sgd", optim.schedule_shape("constant", 1, 1), learning_rate=0.01,
+                            momentum=0.9)
+  train, _ = steps.jit_steps(model, tx, steps.StepConfig(), steps.make_mesh(jax.devices()[:1]))
+  state = steps.init_state(model, tx, (size, size, 3), seed=0)
+  batch = {"image": jax.random.normal(jax.random.key(0), (batch_size, size, size, 3)),
+           "label": jnp.arange(batch_size, dtype=jnp.int32) % num_classes}
+  return SgdTraining(model, train, state, batch)

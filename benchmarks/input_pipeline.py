@@ -19,13 +19,10 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 
-import cnnjax
 from benchmarks import common
 from cnnjax import data
 from cnnjax.data import builders
-from cnnjax.train import optim, steps
 
 
 def _source(data_dir: pathlib.Path, resolution: int, count: int):
@@ -49,17 +46,11 @@ def pipeline_rate(source, size: int, batch: int, threads: int, batches: int) -> 
 
 
 def training_rate(model_name: str, size: int, batch: int, **overrides) -> float:
-  model = cnnjax.create_model(model_name, num_classes=10, **overrides)
-  shape = optim.schedule_shape("constant", 1, 1)
-  tx = optim.make_optimizer("sgd", shape, learning_rate=0.01)
-  train, _ = steps.jit_steps(model, tx, steps.StepConfig(), steps.make_mesh())
-  state = steps.init_state(model, tx, (size, size, 3), seed=0)
-  images = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
-  labels = jnp.zeros((batch,), jnp.int32)
-  holder = {"state": state}
+  setup = common.sgd_training(model_name, size, batch, **overrides)
+  holder = {"state": setup.state}
 
   def step():
-    holder["state"], metrics = train(holder["state"], {"image": images, "label": labels})
+    holder["state"], metrics = setup.train(holder["state"], setup.batch)
     jax.block_until_ready(metrics)
 
   return batch / common.median_seconds(step, repeats=5, warmup=2)

@@ -25,12 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121")
 SIZES = (64, 128)
 BATCH = 16
@@ -40,29 +42,22 @@ CLASSES = 10
 def _jax_steps(name: str, size: int, mode: str = "auto"):
   """Compiled train and inference steps; `mode` "xla" traces the plain XLA convolutions."""
   import jax
-  import jax.numpy as jnp
 
-  import cnnjax
+  from benchmarks import common
   from cnnjax import analysis
   from cnnjax.models import lowering
-  from cnnjax.train import optim, steps
 
-  model = cnnjax.create_model(name, num_classes=CLASSES)
-  shape = optim.schedule_shape("constant", 1, 1)
-  tx = optim.make_optimizer("sgd", shape, learning_rate=0.01, momentum=0.9)
-  train, _ = steps.jit_steps(model, tx, steps.StepConfig(), steps.make_mesh(jax.devices()[:1]))
-  state = steps.init_state(model, tx, (size, size, 3), seed=0)
-  images = jax.random.normal(jax.random.key(0), (BATCH, size, size, 3))
-  batch = {"image": images, "label": jnp.arange(BATCH, dtype=jnp.int32) % CLASSES}
+  setup = common.sgd_training(name, size, BATCH, CLASSES)
+  model, images = setup.model, setup.batch["image"]
   infer = jax.jit(lambda s, x: model.apply({"params": s.params, "batch_stats": s.batch_stats},
                                            x, train=False))
-  with lowering.use(mode):  # tracing happens at the first call, so compile here
-    train = train.lower(state, batch).compile()
-    infer = infer.lower(state, images).compile()
-  holder = {"state": state}
+  with lowering.use(mode):  # tracing happens at lowering, so the mode applies here
+    train = setup.train.lower(setup.state, setup.batch).compile()
+    infer = infer.lower(setup.state, images).compile()
+  holder = {"state": setup.state}
 
   def train_once():
-    holder["state"], metrics = train(holder["state"], batch)
+    holder["state"], metrics = train(holder["state"], setup.batch)
     jax.block_until_ready(metrics)
 
   def infer_once():
@@ -141,18 +136,10 @@ import jax
 jax.config.update("jax_compilation_cache_dir", sys.argv[2])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-import jax.numpy as jnp
-import cnnjax
-from cnnjax.train import optim, steps
-model = cnnjax.create_model(sys.argv[1], num_classes=10)
-size = int(sys.argv[3])
-tx = optim.make_optimizer("sgd", optim.schedule_shape("constant", 1, 1), learning_rate=0.01)
-train, _ = steps.jit_steps(model, tx, steps.StepConfig(), steps.make_mesh(jax.devices()[:1]))
-state = jax.eval_shape(lambda: steps.create_state(model, tx, (size, size, 3), seed=0))
-batch = {"image": jax.ShapeDtypeStruct((16, size, size, 3), jnp.float32),
-         "label": jax.ShapeDtypeStruct((16,), jnp.int32)}
+from benchmarks import common
+setup = common.sgd_training(sys.argv[1], int(sys.argv[3]), 16)
 start = time.perf_counter()
-lowered = train.lower(state, batch)
+lowered = setup.train.lower(setup.state, setup.batch)
 traced = time.perf_counter()
 lowered.compile()
 done = time.perf_counter()
@@ -166,7 +153,7 @@ def compile_times(name: str, size: int) -> dict:
     results = {}
     for label in ("cold", "warm"):
       out = subprocess.run([sys.executable, "-c", _COMPILE_CHILD, name, cache, str(size)],
-                           check=True, capture_output=True, text=True)
+                           check=True, capture_output=True, text=True, cwd=REPO)
       results[label] = json.loads(out.stdout.strip().splitlines()[-1])
   return results
 

@@ -40,19 +40,13 @@ def main(argv=None) -> None:
   import jax
   import jax.numpy as jnp
 
-  import cnnjax
   from benchmarks import common
-  from cnnjax.train import optim, steps
 
   rows = []
   for name in args.models.split(","):
-    model = cnnjax.create_model(name, num_classes=10)
-    tx = optim.make_optimizer("sgd", optim.schedule_shape("constant", 1, 1), learning_rate=0.01)
-    train, _ = steps.jit_steps(model, tx, steps.StepConfig(), steps.make_mesh(jax.devices()[:1]))
-    state = steps.init_state(model, tx, (args.size, args.size, 3), seed=0)
-    batch = {"image": jax.random.normal(jax.random.key(0), (16, args.size, args.size, 3)),
-             "label": jnp.arange(16, dtype=jnp.int32) % 10}
-    lowered = train.lower(state, batch)
+    setup = common.sgd_training(name, args.size, 16)
+    state, batch = setup.state, setup.batch
+    lowered = setup.train.lower(state, batch)
     compiled, compile_seconds, states = {}, {}, {}
     for label, options in OPTION_SETS.items():
       start = time.perf_counter()

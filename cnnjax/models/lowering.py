@@ -99,6 +99,19 @@ def choose(lhs_shape, rhs_shape, window_strides, lhs_dilation, dimension_numbers
   return "xla"
 
 
+def _pad_spatial(x, pads, value):
+  """NHWC `x` padded on H and W with `value` (negative padding crops, as in convolutions)."""
+  if all(tuple(p) == (0, 0) for p in pads):
+    return x
+  return lax.pad(x, jnp.array(value, x.dtype), [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads],
+                                                (0, 0, 0)])
+
+
+def _out_spatial(padded_shape, kernel, strides, dilation) -> tuple[int, int]:
+  return tuple((padded_shape[1 + a] - (kernel[a] - 1) * dilation[a] - 1) // strides[a] + 1
+               for a in range(2))
+
+
 def _windows(x, kernel, strides, dilation, out_spatial) -> list[jax.Array]:
   """The kh*kw shifted, strided views of padded NHWC `x`, each (N, Ho, Wo, C)."""
   (kh, kw), (sh, sw), (dh, dw), (ho, wo) = kernel, strides, dilation, out_spatial
@@ -128,13 +141,8 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
   strides = tuple(window_strides)
   dilation = tuple(rhs_dilation or (1, 1))
   pads = _explicit_padding(padding, lhs.shape[1:3], (kh, kw), strides, dilation)
-  padded = lhs
-  if any(p != (0, 0) for p in pads):
-    # lax.pad accepts negative padding (cropping) exactly as convolutions do.
-    padded = lax.pad(lhs, jnp.zeros((), lhs.dtype), [(0, 0, 0), *[(lo, hi, 0) for lo, hi in pads],
-                                                     (0, 0, 0)])
-  out_spatial = tuple((padded.shape[1 + a] - ((kh, kw)[a] - 1) * dilation[a] - 1) // strides[a] + 1
-                      for a in range(2))
+  padded = _pad_spatial(lhs, pads, 0)
+  out_spatial = _out_spatial(padded.shape, (kh, kw), strides, dilation)
   dtype = preferred_element_type
   if method == "shift_add":
     views = _windows(padded, (kh, kw), strides, dilation, out_spatial)
@@ -219,18 +227,13 @@ def _dense_conv_bwd(geometry, residuals, grad):
 _dense_conv.defvjp(_dense_conv_fwd, _dense_conv_bwd)
 
 
-def _max_pool_padded(padded, window, strides, out_spatial):
-  views = _windows(padded, window, strides, (1, 1), out_spatial)
-  return functools.reduce(jnp.maximum, views)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _max_pool(padded, window, strides, out_spatial):
-  return _max_pool_padded(padded, window, strides, out_spatial)
+  return functools.reduce(jnp.maximum, _windows(padded, window, strides, (1, 1), out_spatial))
 
 
 def _max_pool_fwd(padded, window, strides, out_spatial):
-  out = _max_pool_padded(padded, window, strides, out_spatial)
+  out = _max_pool(padded, window, strides, out_spatial)
   return out, (padded, out)
 
 
@@ -255,12 +258,8 @@ def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int],
   window, strides, padding = tuple(window), tuple(strides), [tuple(p) for p in padding]
   if _MODE.get() == "xla" or x.ndim != 4:
     return nn.max_pool(x, window, strides, padding=padding)
-  padded = x
-  if any(p != (0, 0) for p in padding):
-    padded = lax.pad(x, jnp.array(-jnp.inf, x.dtype),
-                     [(0, 0, 0), *[(lo, hi, 0) for lo, hi in padding], (0, 0, 0)])
-  out_spatial = tuple((padded.shape[1 + a] - window[a]) // strides[a] + 1 for a in range(2))
-  return _max_pool(padded, window, strides, out_spatial)
+  padded = _pad_spatial(x, padding, -jnp.inf)
+  return _max_pool(padded, window, strides, _out_spatial(padded.shape, window, strides, (1, 1)))
 
 
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
