@@ -146,6 +146,37 @@ def test_single_dimension_scaling_meets_the_target_flops():
     assert [k for k, v in changed.items() if v] == [method]
 
 
+def test_the_scaling_verdict_names_the_best_method_per_phi_and_the_real_flops_growth():
+  def row(method, phi, accuracy, flops):
+    return {"method": method, "phi": phi, "accuracy": accuracy, "flops": flops}
+
+  methods = {
+      "compound": [row("compound", 1, 0.80, 2.4e6), row("compound", 2, 0.70, 3.6e6)],
+      "width": [row("width", 1, 0.75, 2.4e6), row("width", 2, None, 3.6e6)],  # failed trial
+      "resolution": [row("resolution", 1, 0.70, 2.5e6), row("resolution", 2, 0.90, 3.6e6)],
+      "depth": [row("depth", 3, 0.99, 5e6)],  # no compound point at phi 3: not judged
+  }
+  text = "\n".join(kinds.scaling_verdict(methods, row("base", 0, 0.6, 1.2e6)))
+  assert "phi = 1: compound (80.0%); phi = 2: resolution (90.0%)." in text
+  assert "at 1 of 2 phi values" in text
+  assert "2.00x (phi = 1), 3.00x (phi = 2)" in text
+  assert kinds.scaling_verdict({"compound": [row("compound", 1, 0.8, 2e6)]}, None) == []
+
+
+def test_the_degradation_verdict_judges_final_error_and_calls_near_ties_by_the_whole_curve():
+  worse = kinds.depth_verdict("Plain", "plain20", "plain56", [0.8, 0.2, 0.1, 0.0],
+                              [0.9, 0.7, 0.6, 0.5], tail=2, tolerance=0.01)
+  assert "ends with training error 55.0% against 5.0%" in worse and "trains worse" in worse
+  better = kinds.depth_verdict("Residual", "resnet20", "resnet56", [0.9, 0.5, 0.3],
+                               [0.9, 0.4, 0.1], tail=1, tolerance=0.01)
+  assert better.endswith("the deeper network trains better.")
+  # Both fit the data (0.2% against 0.1%): a tie, called by the mean error over the run.
+  tie = kinds.depth_verdict("Residual", "resnet20", "resnet56", [0.8, 0.2, 0.001],
+                            [0.8, 0.4, 0.002], tail=1, tolerance=0.01)
+  assert "no difference at the end of this budget" in tie
+  assert "40.1% against 33.4%" in tie and tie.endswith("converged slower.")
+
+
 def test_official_mode_uses_the_b0_b7_ratios():
   points = scaling.official_points(scaling.Base(0.5, 0.5, 32), [1, 3])
   assert [(p.width, p.depth, p.resolution) for p in points] == [(0.5, 0.55, 34), (0.6, 0.7, 43)]

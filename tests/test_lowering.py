@@ -115,9 +115,11 @@ def test_models_run_the_fast_path_by_default_and_analysis_still_counts_convoluti
 
 
 def _relative_error(got, want) -> float:
-  got, want = jax.tree.leaves(got), jax.tree.leaves(want)
-  diff = sum(float(jnp.sum(jnp.square(a - b))) for a, b in zip(got, want))
-  norm = sum(float(jnp.sum(jnp.square(b))) for b in want)
+  # NumPy float64: jnp would truncate the float64 reference outside `enable_x64`.
+  got = [np.asarray(a, np.float64) for a in jax.tree.leaves(got)]
+  want = [np.asarray(b, np.float64) for b in jax.tree.leaves(want)]
+  diff = sum(float(np.sum(np.square(a - b))) for a, b in zip(got, want))
+  norm = sum(float(np.sum(np.square(b))) for b in want)
   return (diff / max(norm, 1e-30)) ** 0.5
 
 

@@ -230,7 +230,39 @@ def _scaling_sections(config, workdir, rows, best, candidates) -> list[str]:
     parts = [f"{m} {_fmt_pct(r['accuracy'])} at {r['flops'] / 1e6:.1f} MFLOPs"
              for m, r in at_top.items() if r is not None]
     sections += [f"At phi = {top_phi}: " + "; ".join(parts) + ".", ""]
+  sections += scaling_verdict(methods, base_row)
   return sections
+
+
+def scaling_verdict(methods: dict[str, list[dict]], base_row: dict | None) -> list[str]:
+  """Plain sentences: the best method at each phi, and how FLOPs actually grew.
+
+  `methods` maps a method to its finished or failed rows (with 'phi', 'accuracy',
+  'flops'); a phi is judged only when compound and at least one baseline finished.
+  """
+  lines = []
+  compound = {r["phi"]: r for r in methods.get("compound", []) if r.get("accuracy") is not None}
+  judged, wins = [], 0
+  for phi in sorted(compound):
+    rivals = {m: r for m, rs in methods.items() if m != "compound"
+              for r in rs if r["phi"] == phi and r.get("accuracy") is not None}
+    if not rivals:
+      continue
+    best_method, best_row = max([("compound", compound[phi]), *rivals.items()],
+                                key=lambda item: item[1]["accuracy"])
+    wins += best_method == "compound"
+    judged.append(f"phi = {phi:g}: {best_method} ({_fmt_pct(best_row['accuracy'])})")
+  if judged:
+    lines += ["Best method at each phi: " + "; ".join(judged) + ".",
+              f"Compound scaling beats every single-dimension baseline at {wins} of "
+              f"{len(judged)} phi values.", ""]
+  if base_row and base_row.get("flops") and compound:
+    growth = ", ".join(f"{r['flops'] / base_row['flops']:.2f}x (phi = {phi:g})"
+                       for phi, r in sorted(compound.items()))
+    lines += [f"Measured FLOPs of the compound points relative to the base: {growth}; the rule "
+              "promises 2^phi. Channel rounding to multiples of 8 and whole repeats quantise "
+              "small networks, so the measured FLOPs are what every comparison above matches.", ""]
+  return lines
 
 
 # -- degradation: plain against residual -------------------------------------------------------
@@ -270,10 +302,8 @@ def run_degradation(config, workdir, trial, command) -> dict:
     a, b = by_name.get(shallow), by_name.get(deep)
     if not a or not b or a["final_train_error"] is None or b["final_train_error"] is None:
       return f"{family}: not all trials finished."
-    worse = b["final_train_error"] > a["final_train_error"]
-    return (f"{family}: the deeper {deep} ends with training error "
-            f"{_fmt_pct(b['final_train_error'])} against {_fmt_pct(a['final_train_error'])} for "
-            f"{shallow} — the deeper network trains {'worse' if worse else 'better'}.")
+    return depth_verdict(family, shallow, deep, curves[shallow][1], curves[deep][1], tail,
+                         config.tie_tolerance)
 
   plain = sorted((m for m in config.models if m.startswith("plain")), key=lambda m: int(m[5:]))
   residual = sorted((m for m in config.models if m.startswith("resnet")), key=lambda m: int(m[6:]))
@@ -285,6 +315,29 @@ def run_degradation(config, workdir, trial, command) -> dict:
                "training batches."]
   return _finish(workdir, f"{config.name}: {config.description}", rows, DEGRADATION_COLUMNS,
                  sections, command)
+
+
+def depth_verdict(family: str, shallow: str, deep: str, shallow_errors: list[float],
+                  deep_errors: list[float], tail: int, tolerance: float) -> str:
+  """Whether the deeper network of a family trains worse, in one sentence.
+
+  Judged on the final training error (the mean of the last `tail` logged
+  windows). Final errors within `tolerance` of each other are a tie, and the
+  sentence then compares the mean training error over the whole run, which
+  tells which network converged faster.
+  """
+  final_shallow = sum(shallow_errors[-tail:]) / len(shallow_errors[-tail:])
+  final_deep = sum(deep_errors[-tail:]) / len(deep_errors[-tail:])
+  ends = (f"{family}: the deeper {deep} ends with training error {_fmt_pct(final_deep)} against "
+          f"{_fmt_pct(final_shallow)} for {shallow}")
+  if abs(final_deep - final_shallow) > tolerance:
+    return f"{ends} — the deeper network trains {'worse' if final_deep > final_shallow else 'better'}."
+  mean_shallow = sum(shallow_errors) / len(shallow_errors)
+  mean_deep = sum(deep_errors) / len(deep_errors)
+  pace = "faster" if mean_deep < mean_shallow else "slower"
+  return (f"{ends}, within {_fmt_pct(tolerance)}: no difference at the end of this budget. Over "
+          f"the whole run the mean training error is {_fmt_pct(mean_deep)} against "
+          f"{_fmt_pct(mean_shallow)}, so the deeper network converged {pace}.")
 
 
 # -- depthwise-separable against standard convolutions ----------------------------------------

@@ -67,7 +67,8 @@ def plot_lines(path: pathlib.Path, series: dict[str, tuple[Sequence[float], Sequ
   axes.set_ylabel(ylabel)
   axes.set_title(title)
   axes.grid(alpha=0.3)
-  axes.legend()
+  if axes.lines:  # every series may be empty while a sweep's trials are failing
+    axes.legend()
   figure.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
   figure.savefig(path)
