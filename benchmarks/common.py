@@ -39,6 +39,20 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
   return statistics.median(times)
 
 
+def interleaved(callables: dict, rounds: int, warmup: int = 2) -> dict:
+  """Median seconds per callable, timed in alternation so all see the same machine state."""
+  for fn in callables.values():
+    for _ in range(warmup):
+      fn()
+  times = {key: [] for key in callables}
+  for _ in range(rounds):
+    for key, fn in callables.items():
+      start = time.perf_counter()
+      fn()
+      times[key].append(time.perf_counter() - start)
+  return {key: statistics.median(values) for key, values in times.items()}
+
+
 @dataclasses.dataclass
 class SgdTraining:
   """A model's compiled SGD (momentum 0.9) training step on one device, its state and a batch."""

@@ -26,11 +26,9 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121")
@@ -98,36 +96,16 @@ def matmul_peak(repeats: int = 10, n: int = 2048) -> dict:
   import jax.numpy as jnp
   import torch
 
+  from benchmarks import common
+
   a = jax.random.normal(jax.random.key(0), (n, n))
   dot = jax.jit(jnp.dot)
-  jax.block_until_ready(dot(a, a))
   ta = torch.randn(n, n)
-  torch.mm(ta, ta)
-  jax_times, torch_times = [], []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(dot(a, a))
-    jax_times.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    torch.mm(ta, ta)
-    torch_times.append(time.perf_counter() - start)
+  medians = common.interleaved({"jax": lambda: jax.block_until_ready(dot(a, a)),
+                                "torch": lambda: torch.mm(ta, ta)}, repeats, warmup=1)
   flop = 2 * n**3
-  return {"n": n, "jax_gflops": flop / statistics.median(jax_times) / 1e9,
-          "torch_gflops": flop / statistics.median(torch_times) / 1e9}
-
-
-def interleaved(pairs: dict, rounds: int, warmup: int = 2) -> dict:
-  """Median seconds per callable, timing them in alternation for `rounds` rounds."""
-  for fn in pairs.values():
-    for _ in range(warmup):
-      fn()
-  times = {key: [] for key in pairs}
-  for _ in range(rounds):
-    for key, fn in pairs.items():
-      start = time.perf_counter()
-      fn()
-      times[key].append(time.perf_counter() - start)
-  return {key: statistics.median(values) for key, values in times.items()}
+  return {"n": n, "jax_gflops": flop / medians["jax"] / 1e9,
+          "torch_gflops": flop / medians["torch"] / 1e9}
 
 
 _COMPILE_CHILD = """
@@ -186,7 +164,7 @@ def main(argv=None) -> None:
       if args.plain_xla:
         plain_train, plain_infer, _ = _jax_steps(name, size, mode="xla")
         steps_to_time.update(xla_train=plain_train, xla_infer=plain_infer)
-      medians = interleaved(steps_to_time, args.rounds)
+      medians = common.interleaved(steps_to_time, args.rounds)
       row = {"model": name, "size": size, "batch": BATCH, "forward_gflop": forward_flops / 1e9,
              **{f"{key}_s": value for key, value in medians.items()}}
       for mode, flop in (("train", 3 * forward_flops), ("infer", forward_flops)):

@@ -11,7 +11,6 @@ the default convolution lowering. Writes benchmarks/results/xla_flags.json.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 OPTION_SETS = {
@@ -57,17 +56,16 @@ def main(argv=None) -> None:
         continue
       compile_seconds[label] = time.perf_counter() - start
       states[label] = jax.tree.map(jnp.copy, state)
-    times = {label: [] for label in compiled}
-    for round_ in range(args.rounds + 1):
-      for label, step in compiled.items():
-        start = time.perf_counter()
-        states[label], metrics = step(states[label], batch)
+    def stepper(label):
+      def step():
+        states[label], metrics = compiled[label](states[label], batch)
         jax.block_until_ready(metrics)
-        if round_:  # the first round warms up
-          times[label].append(time.perf_counter() - start)
-    base = statistics.median(times["default"])
-    for label, values in times.items():
-      median = statistics.median(values)
+      return step
+
+    medians = common.interleaved({label: stepper(label) for label in compiled}, args.rounds,
+                                 warmup=1)
+    base = medians["default"]
+    for label, median in medians.items():
       rows.append({"model": name, "size": args.size, "options": label,
                    "compiler_options": OPTION_SETS[label], "step_s": median,
                    "relative_to_default": median / base, "compile_s": compile_seconds[label]})

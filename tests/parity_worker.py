@@ -30,7 +30,7 @@ def _quick(step):
   def call(state, batch):
     if "fn" not in compiled:
       compiled["fn"] = step.lower(state, batch).compile(
-          compiler_options={"xla_backend_optimization_level": 0})
+          compiler_options=steps.FAST_COMPILE_OPTIONS)
     return compiled["fn"](state, batch)
   return call
 

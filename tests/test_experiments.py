@@ -177,6 +177,20 @@ def test_the_degradation_verdict_judges_final_error_and_calls_near_ties_by_the_w
   assert "40.1% against 33.4%" in tie and tie.endswith("converged slower.")
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("tie_tolerance", -0.1, r"tie_tolerance is a difference of error rates in \[0, 1\), got -0.1"),
+    ("curve_tail", 0, r"curve_tail must be >= 1 logged window, got 0"),
+])
+def test_bad_degradation_settings_fail_before_anything_trains(key, value, message, tmp_path):
+  from experiments.configs import degradation
+
+  config = degradation.get_config("smoke")
+  config[key] = value
+  with pytest.raises(ValueError, match=message):
+    kinds.run(config, tmp_path)
+  assert not (tmp_path / "trials").exists()
+
+
 def test_official_mode_uses_the_b0_b7_ratios():
   points = scaling.official_points(scaling.Base(0.5, 0.5, 32), [1, 3])
   assert [(p.width, p.depth, p.resolution) for p in points] == [(0.5, 0.55, 34), (0.6, 0.7, 43)]

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import cnnjax
+from cnnjax.train import steps
 
 NUMERIC = {
     # name: overrides exercising the family's options
@@ -64,7 +65,7 @@ def _loss_fn(model, images, labels):
 def _quick(fn, *args):
   """Runs `fn` compiled at XLA optimisation level 0: these tests are compile-bound."""
   compiled = jax.jit(fn).lower(*args).compile(
-      compiler_options={"xla_backend_optimization_level": 0})
+      compiler_options=steps.FAST_COMPILE_OPTIONS)
   return compiled(*args)
 
 

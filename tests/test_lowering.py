@@ -16,6 +16,7 @@ from jax import lax
 import cnnjax
 from cnnjax import analysis
 from cnnjax.models import lowering
+from cnnjax.train import steps
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -143,7 +144,7 @@ def test_whole_models_are_as_accurate_as_xla_convolutions(name, overrides):
   model = cnnjax.create_model(name, num_classes=10, **overrides)
   images = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
   variables = jax.jit(lambda: model.init(jax.random.key(1), images[:1])).lower().compile(
-      compiler_options={"xla_backend_optimization_level": 0})()
+      compiler_options=steps.FAST_COMPILE_OPTIONS)()
 
   def run(mode, dtype):
     net = model.clone(dtype=dtype, param_dtype=dtype)
@@ -161,7 +162,7 @@ def test_whole_models_are_as_accurate_as_xla_convolutions(name, overrides):
     both = lambda p: {"inference": outputs(p, False), "training": outputs(p, True)}  # noqa: E731
     params = cast(variables["params"])
     compiled = jax.jit(both).lower(params).compile(
-        compiler_options={"xla_backend_optimization_level": 0})
+        compiler_options=steps.FAST_COMPILE_OPTIONS)
     return compiled(params)
 
   fast = run("auto", jnp.float32)

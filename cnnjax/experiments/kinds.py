@@ -11,7 +11,7 @@ import functools
 import json
 import pathlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import ml_collections
 
@@ -280,6 +280,11 @@ def _train_curve(directory: pathlib.Path) -> tuple[list[int], list[float]]:
 
 
 def run_degradation(config, workdir, trial, command) -> dict:
+  if config.curve_tail < 1:
+    raise ValueError(f"curve_tail must be >= 1 logged window, got {config.curve_tail}")
+  if not 0.0 <= config.tie_tolerance < 1.0:
+    raise ValueError(f"tie_tolerance is a difference of error rates in [0, 1), got "
+                     f"{config.tie_tolerance}")
   num_classes = _num_classes(config.train)
   trials = [Trial(name, {"model": name}, {"depth": int(name[-2:]) if name[-2:].isdigit() else 0})
             for name in config.models]
@@ -289,7 +294,7 @@ def run_degradation(config, workdir, trial, command) -> dict:
   tail = config.curve_tail
   for row in rows:
     _, errors = curves[row["name"]]
-    row["final_train_error"] = (sum(errors[-tail:]) / len(errors[-tail:])) if errors else None
+    row["final_train_error"] = final_error(errors, tail) if errors else None
     row["test_error"] = None if row["accuracy"] is None else 1 - row["accuracy"]
   reports.plot_lines(workdir / "training_error.png",
                      curves,
@@ -317,17 +322,20 @@ def run_degradation(config, workdir, trial, command) -> dict:
                  sections, command)
 
 
+def final_error(errors: Sequence[float], tail: int) -> float:
+  """The training error a run ends with: the mean of its last `tail` logged windows."""
+  return sum(errors[-tail:]) / len(errors[-tail:])
+
+
 def depth_verdict(family: str, shallow: str, deep: str, shallow_errors: list[float],
                   deep_errors: list[float], tail: int, tolerance: float) -> str:
   """Whether the deeper network of a family trains worse, in one sentence.
 
-  Judged on the final training error (the mean of the last `tail` logged
-  windows). Final errors within `tolerance` of each other are a tie, and the
-  sentence then compares the mean training error over the whole run, which
-  tells which network converged faster.
+  Judged on the final training error (`final_error`). Final errors within
+  `tolerance` of each other are a tie, and the sentence then compares the mean
+  training error over the whole run, which tells which network converged faster.
   """
-  final_shallow = sum(shallow_errors[-tail:]) / len(shallow_errors[-tail:])
-  final_deep = sum(deep_errors[-tail:]) / len(deep_errors[-tail:])
+  final_shallow, final_deep = final_error(shallow_errors, tail), final_error(deep_errors, tail)
   ends = (f"{family}: the deeper {deep} ends with training error {_fmt_pct(final_deep)} against "
           f"{_fmt_pct(final_shallow)} for {shallow}")
   if abs(final_deep - final_shallow) > tolerance:

@@ -185,8 +185,7 @@ class _Devices:
   """The jit (Mesh) or pmap way of placing state and batches and calling the steps."""
 
   def __init__(self, run: _Run, parallelism: str, fast_compile: bool = False):
-    # Optimisation level 0 compiles ~40% faster and runs slower: for smoke runs and debugging.
-    self.compiler_options = {"xla_backend_optimization_level": 0} if fast_compile else {}
+    self.compiler_options = steps.FAST_COMPILE_OPTIONS if fast_compile else {}
     self._compiled_eval = None
     self.mesh = steps.make_mesh()
     self.replicated = NamedSharding(self.mesh, P())

@@ -77,9 +77,10 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, image_shape
                      if loss_scale else None))
 
 
-# Initialisation runs once: its compile, not its speed, is what costs (11 s against
-# 3 s at XLA optimisation level 0 for a MobileNet v2), and the values are identical.
-INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+# XLA optimisation level 0: the same values, compiled several times faster and run slower.
+# For what runs once or little (initialisation: 11 s against 3 s for a MobileNet v2),
+# smoke runs, debugging and compile-bound tests.
+FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, image_shape, seed: int,
@@ -88,7 +89,7 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, image_shape, 
   """`create_state` compiled cheaply, placed with `sharding` (default: the default device)."""
   init = jax.jit(functools.partial(create_state, model, tx, tuple(image_shape), seed, ema,
                                    loss_scale), out_shardings=sharding)
-  return init.lower().compile(compiler_options=INIT_COMPILER_OPTIONS)()
+  return init.lower().compile(compiler_options=FAST_COMPILE_OPTIONS)()
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
