@@ -92,6 +92,9 @@ def _check_publishing(workdir, destination, capsys):
   assert _run([config, f"--workdir={workdir}", f"--publish={destination}"]) == 2
   assert "already exists; published results are never overwritten" in capsys.readouterr().err
   assert {p.name: p.read_bytes() for p in destination.iterdir()} == before
+  capsys.readouterr()
+  assert _run([config, f"--workdir={workdir}", "--publish="]) == 2
+  assert "--publish needs a directory" in capsys.readouterr().err
 
 
 def test_a_typo_in_a_config_key_is_an_error_that_names_it(capsys):

@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
   name = config.name + (f"-{variant}" if variant and variant != "full" else "")
   workdir = pathlib.Path(values.workdir or pathlib.Path("runs") / name).absolute()
   command = "python -m experiments.run " + " ".join(shlex.quote(a) for a in argv[1:])
+  if values.publish is not None and not values.publish.strip():
+    print("error: --publish needs a directory, e.g. --publish experiments/results/<name>",
+          file=sys.stderr)
+    return 2
   print(f"experiment {config.name}{f' ({variant})' if variant else ''}: {config.description}")
   print(f"workdir {workdir}", flush=True)
   try:
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in finished:
       print(f"  {row['name']}: {100 * row['accuracy']:.2f}%")
   print(f"results: {workdir / 'results.csv'}, report: {outcome['report']}")
-  if values.publish:
+  if values.publish is not None:
     from cnnjax.experiments import reports  # noqa: PLC0415
 
     if failed or values.trial is not None:
