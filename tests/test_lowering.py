@@ -41,6 +41,16 @@ CASES = {
     "depthwise 5x5 stride 2": ((2, 10, 10, 4), (5, 5, 1, 4), (2, 2), "SAME", (1, 1), 4,
                                "shift_add"),
     "depthwise 3x3 on 1x1": ((2, 1, 1, 4), (3, 3, 1, 4), (1, 1), "SAME", (1, 1), 4, "shift_add"),
+    # The filter gradient sums output rows in chunks: 16 rows (two chunks of 8),
+    # 11 (prime: chunks of 1), 6 (stride 2 from 11: chunks of 6).
+    "depthwise 3x3, 16 rows": ((2, 16, 16, 8), (3, 3, 1, 8), (1, 1), "SAME", (1, 1), 8,
+                               "shift_add"),
+    "depthwise 3x3, 11 rows": ((1, 11, 5, 3), (3, 3, 1, 3), (1, 1), "SAME", (1, 1), 3,
+                               "shift_add"),
+    "depthwise stride 2 asymmetric pad": ((2, 11, 9, 4), (3, 3, 1, 4), (2, 2), ((0, 2), (1, 0)),
+                                          (1, 1), 4, "shift_add"),
+    "depthwise dilated": ((1, 12, 12, 4), (3, 3, 1, 4), (1, 1), ((2, 2), (2, 2)), (2, 2), 4,
+                          "shift_add"),
     "grouped (XLA)": ((2, 6, 6, 8), (3, 3, 4, 6), (1, 1), "SAME", (1, 1), 2, "xla"),
     "depthwise multiplier 2 (XLA)": ((2, 6, 6, 3), (3, 3, 1, 6), (1, 1), "SAME", (1, 1), 3, "xla"),
 }
