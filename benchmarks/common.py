@@ -63,7 +63,8 @@ class SgdTraining:
 
 
 def sgd_training(model_name: str, size: int, batch_size: int, num_classes: int = 10,
-                 **overrides) -> SgdTraining:
+                 xla_options: dict | None = None, **overrides) -> SgdTraining:
+  """`xla_options` replace cnnjax's compiler options ({}: XLA's defaults)."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
@@ -73,7 +74,8 @@ def sgd_training(model_name: str, size: int, batch_size: int, num_classes: int =
   model = cnnjax.create_model(model_name, num_classes=num_classes, **overrides)
   tx = optim.make_optimizer("sgd", optim.schedule_shape("constant", 1, 1), learning_rate=0.01,
                             momentum=0.9)
-  train, _ = steps.jit_steps(model, tx, steps.StepConfig(), steps.make_mesh(jax.devices()[:1]))
+  train, _ = steps.jit_steps(model, tx, steps.StepConfig(), steps.make_mesh(jax.devices()[:1]),
+                             xla_options=xla_options)
   state = steps.init_state(model, tx, (size, size, 3), seed=0)
   batch = {"image": jax.random.normal(jax.random.key(0), (batch_size, size, size, 3)),
            "label": jnp.arange(batch_size, dtype=jnp.int32) % num_classes}

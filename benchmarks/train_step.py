@@ -48,7 +48,8 @@ def _jax_steps(name: str, size: int, mode: str = "auto"):
   setup = common.sgd_training(name, size, BATCH, CLASSES)
   model, images = setup.model, setup.batch["image"]
   infer = jax.jit(lambda s, x: model.apply({"params": s.params, "batch_stats": s.batch_stats},
-                                           x, train=False))
+                                           x, train=False),
+                  compiler_options=lowering.compiler_options(jax.default_backend()))
   with lowering.use(mode):  # tracing happens at lowering, so the mode applies here
     train = setup.train.lower(setup.state, setup.batch).compile()
     infer = infer.lower(setup.state, images).compile()

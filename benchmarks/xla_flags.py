@@ -5,7 +5,9 @@
 Each option set is passed per compile (`compiled = jit(...).lower(...).compile(
 compiler_options=...)`), so one process compares them all on the same machine
 state, interleaved. The step is cnnjax's SGD training step at batch 16 with
-the default convolution lowering. Writes benchmarks/results/xla_flags.json.
+the default convolution lowering, compiled from XLA's defaults ("default")
+rather than cnnjax's own options ("cnnjax", `lowering.CPU_COMPILER_OPTIONS`).
+Writes benchmarks/results/xla_flags.json.
 """
 
 from __future__ import annotations
@@ -13,16 +15,21 @@ from __future__ import annotations
 import argparse
 import time
 
+_YNN = "xla_cpu_experimental_ynn_fusion_type"
+
 OPTION_SETS = {
     "default": {},
+    "cnnjax": None,  # lowering.CPU_COMPILER_OPTIONS, filled in by main
+    "ynn: dot, reduce": {_YNN: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"},
+    "ynn: dot, reduce, eltwise": {
+        _YNN: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_ELTWISE"},
+    "ynn: none": {_YNN: ""},
     "onednn": {"xla_cpu_use_onednn": True},
     "no xnnpack": {"xla_cpu_use_xnnpack": False},
     "xnn fusions": {"xla_cpu_experimental_xnn_fusion_type":
                     "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE"},
     "xnn graph fusion": {"xla_cpu_experimental_xnn_graph_fusion_mode":
                          "XNN_GRAPH_FUSION_MODE_GREEDY"},
-    "ynn fusions": {"xla_cpu_experimental_ynn_fusion_type":
-                    "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE"},
     "onednn fusions": {"xla_cpu_experimental_onednn_fusion_type":
                        "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE"},
     "fast math": {"xla_cpu_enable_fast_math": True},
@@ -40,14 +47,17 @@ def main(argv=None) -> None:
   import jax.numpy as jnp
 
   from benchmarks import common
+  from cnnjax.models import lowering
+
+  option_sets = {**OPTION_SETS, "cnnjax": dict(lowering.CPU_COMPILER_OPTIONS)}
 
   rows = []
   for name in args.models.split(","):
-    setup = common.sgd_training(name, args.size, 16)
+    setup = common.sgd_training(name, args.size, 16, xla_options={})  # XLA's defaults
     state, batch = setup.state, setup.batch
     lowered = setup.train.lower(state, batch)
     compiled, compile_seconds, states = {}, {}, {}
-    for label, options in OPTION_SETS.items():
+    for label, options in option_sets.items():
       start = time.perf_counter()
       try:
         compiled[label] = lowered.compile(compiler_options=options)
@@ -67,7 +77,7 @@ def main(argv=None) -> None:
     base = medians["default"]
     for label, median in medians.items():
       rows.append({"model": name, "size": args.size, "options": label,
-                   "compiler_options": OPTION_SETS[label], "step_s": median,
+                   "compiler_options": option_sets[label], "step_s": median,
                    "relative_to_default": median / base, "compile_s": compile_seconds[label]})
       print(f"{name:14s} {label:18s} {1e3 * median:7.1f} ms  x{median / base:.2f}  "
             f"compile {compile_seconds[label]:.1f}s", flush=True)

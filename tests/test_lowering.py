@@ -6,6 +6,8 @@ under test) and compares outputs and both gradients against XLA's convolution.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,19 +24,24 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 
 # (input NHWC, kernel HWIO, strides, padding, rhs dilation, groups, expected lowering)
 CASES = {
-    "3x3 same": ((2, 9, 9, 5), (3, 3, 5, 32), (1, 1), "SAME", (1, 1), 1, "im2col"),
+    # kxk convolutions: im2col up to IM2COL_MAX_POSITIONS (16) output positions.
+    "3x3 same on 4x4": ((2, 4, 4, 5), (3, 3, 5, 32), (1, 1), "SAME", (1, 1), 1, "im2col"),
     "3x3 stride 2 tf-same even": ((2, 8, 8, 4), (3, 3, 4, 32), (2, 2), "SAME", (1, 1), 1,
                                   "im2col"),
     "3x3 on a 2x2 map": ((3, 2, 2, 8), (3, 3, 8, 32), (1, 1), ((1, 1), (1, 1)), (1, 1), 1,
                          "im2col"),
-    "7x7 stride 2 pad 3": ((2, 15, 13, 3), (7, 7, 3, 32), (2, 2), ((3, 3), (3, 3)), (1, 1), 1,
+    "3x3 narrow on a 2x2 map": ((3, 2, 2, 8), (3, 3, 8, 5), (1, 1), "SAME", (1, 1), 1,
+                                "im2col"),
+    "7x7 stride 2 pad 3": ((2, 7, 5, 3), (7, 7, 3, 32), (2, 2), ((3, 3), (3, 3)), (1, 1), 1,
                            "im2col"),
-    "5x5 valid": ((1, 11, 11, 2), (5, 5, 2, 33), (1, 1), "VALID", (1, 1), 1, "im2col"),
-    "3x3 asymmetric pad": ((2, 7, 6, 3), (3, 3, 3, 32), (2, 1), ((0, 2), (1, 0)), (1, 1), 1,
+    "5x5 valid": ((1, 8, 7, 2), (5, 5, 2, 33), (1, 1), "VALID", (1, 1), 1, "im2col"),
+    "3x3 asymmetric pad": ((2, 7, 4, 3), (3, 3, 3, 32), (2, 1), ((0, 2), (1, 0)), (1, 1), 1,
                            "im2col"),
-    "3x3 dilated": ((1, 10, 10, 3), (3, 3, 3, 32), (1, 1), ((2, 2), (2, 2)), (2, 2), 1, "im2col"),
-    "1x5 rectangular": ((2, 6, 9, 3), (1, 5, 3, 32), (1, 1), "SAME", (1, 1), 1, "im2col"),
-    "3x3 narrow (XLA)": ((2, 9, 9, 5), (3, 3, 5, 16), (1, 1), "SAME", (1, 1), 1, "xla"),
+    "3x3 dilated": ((1, 4, 4, 3), (3, 3, 3, 32), (1, 1), ((2, 2), (2, 2)), (2, 2), 1, "im2col"),
+    "1x5 rectangular": ((2, 2, 8, 3), (1, 5, 3, 32), (1, 1), "SAME", (1, 1), 1, "im2col"),
+    "3x3 on 5x4, 20 positions (XLA)": ((1, 5, 4, 3), (3, 3, 3, 32), (1, 1), "SAME", (1, 1), 1,
+                                       "xla"),
+    "3x3 large map (XLA)": ((2, 9, 9, 5), (3, 3, 5, 16), (1, 1), "SAME", (1, 1), 1, "xla"),
     "1x1": ((2, 5, 5, 6), (1, 1, 6, 4), (1, 1), "VALID", (1, 1), 1, "pointwise"),
     "1x1 stride 2": ((2, 7, 7, 6), (1, 1, 6, 4), (2, 2), "VALID", (1, 1), 1, "pointwise"),
     "depthwise 3x3": ((2, 9, 9, 6), (3, 3, 1, 6), (1, 1), "SAME", (1, 1), 6, "shift_add"),
@@ -60,7 +67,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_lowering_matches_xla_in_value_and_gradients(case, forward, monkeypatch):
   lhs_shape, rhs_shape, strides, padding, dilation, groups, expected = CASES[case]
-  assert lowering.choose(lhs_shape, rhs_shape, strides, None, NHWC, groups, 1) == expected
+  assert lowering.choose(lhs_shape, rhs_shape, strides, padding, None, dilation, NHWC, groups,
+                         1) == expected
   if expected != "im2col" and forward == "xla forward":
     pytest.skip("only kxk convolutions choose their forward pass")
   # Both forward passes of a kxk convolution share the im2col backward pass.
@@ -87,7 +95,8 @@ def test_lowering_matches_xla_in_value_and_gradients(case, forward, monkeypatch)
 
 def test_xla_mode_forces_the_reference_and_rejects_unknown_modes():
   with lowering.use("xla"):
-    assert lowering.choose((1, 4, 4, 2), (3, 3, 2, 32), (1, 1), None, NHWC, 1, 1) == "xla"
+    assert lowering.choose((1, 4, 4, 2), (3, 3, 2, 32), (1, 1), "SAME", None, None, NHWC, 1,
+                           1) == "xla"
   assert lowering.current_mode() == "auto"
   with pytest.raises(ValueError, match="unknown convolution lowering 'fast'"):
     with lowering.use("fast"):
@@ -95,34 +104,64 @@ def test_xla_mode_forces_the_reference_and_rejects_unknown_modes():
 
 
 def test_forward_choice_follows_the_measured_rule():
-  assert lowering._xla_forward((16, 66, 66, 64), (1, 1))      # large map: XLA's convolution
-  assert lowering._xla_forward((16, 130, 130, 3), (2, 2))     # 3-channel stem: XLA's
-  assert not lowering._xla_forward((16, 6, 6, 512), (1, 1))   # 4x4 map: im2col
-  assert not lowering._xla_forward((16, 34, 34, 64), (2, 2))  # strided: im2col
+  assert lowering._xla_forward((4, 4))       # 4x4 outputs: XLA's convolution
+  assert lowering._xla_forward((2, 3))
+  assert not lowering._xla_forward((2, 2))   # 2x2 and smaller: the patch matrix
+  assert not lowering._xla_forward((1, 1))
 
 
 def test_input_dilation_and_nchw_stay_on_xla():
-  assert lowering.choose((1, 4, 4, 2), (3, 3, 2, 32), (1, 1), (2, 2), NHWC, 1, 1) == "xla"
+  assert lowering.choose((1, 4, 4, 2), (3, 3, 2, 32), (1, 1), "SAME", (2, 2), None, NHWC, 1,
+                         1) == "xla"
   nchw = ("NCHW", "OIHW", "NCHW")
-  assert lowering.choose((1, 2, 4, 4), (2, 2, 3, 3), (1, 1), None, nchw, 1, 1) == "xla"
+  assert lowering.choose((1, 2, 4, 4), (2, 2, 3, 3), (1, 1), "SAME", None, None, nchw, 1,
+                         1) == "xla"
 
 
-def _primitives(model, size):
+def _convolutions(model, size):
   images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
   jaxpr = jax.make_jaxpr(model.apply)(variables, images)
-  return {eqn.primitive.name for eqn in jaxpr.jaxpr.eqns}
+  return [eqn for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "conv_general_dilated"]
 
 
 def test_models_run_the_fast_path_by_default_and_analysis_still_counts_convolutions():
-  model = cnnjax.create_model("mobilenet_v2", num_classes=10)  # every conv has >= 32 outputs
-  assert "conv_general_dilated" not in _primitives(model, 32)
+  model = cnnjax.create_model("mobilenet_v2", num_classes=10)
+  # At 32 px only the stem (3x3 stride 2 to 16x16 = 256 positions) stays an XLA
+  # convolution; depthwise, pointwise and everything else take the fast path.
+  remaining = _convolutions(model, 32)
+  assert [(eqn.invars[1].aval.shape, eqn.outvars[0].aval.shape) for eqn in remaining] == [
+      ((3, 3, 3, 32), (1, 16, 16, 32))]
   with lowering.use("xla"):
-    assert "conv_general_dilated" in _primitives(model, 32)
+    assert len(_convolutions(model, 32)) == 52  # every convolution of MobileNet v2
   # Analysis traces the reference lowering whatever mode the caller is in.
   assert analysis.flops(model, 32) > 0
   table = analysis.summary(model, 32)
   assert any(row.kind == "conv" and row.macs > 0 for row in table.rows)
+
+
+def _fused_convolutions(hlo: str) -> int:
+  """Convolutions XLA:CPU placed inside library (YNNPACK) fusions."""
+  bodies = {m.group(1): m.group(2) for m in
+            re.finditer(r"^%(\S+) .*?\{\n(.*?)^\}", hlo, re.M | re.S)}
+  return sum("convolution(" in bodies.get(callee, "")
+             for callee in re.findall(r"fusion\(.*__ynn_fusion.*", hlo)
+             for callee in re.findall(r"calls=%(\S+?),", callee))
+
+
+def test_cpu_compiler_options_keep_convolutions_with_xla_and_the_steps_use_them():
+  x = jnp.ones((2, 8, 8, 16))
+  w = jnp.ones((3, 3, 16, 32))
+  conv = jax.jit(lambda x, w: lax.conv_general_dilated(jnp.maximum(x, 0), w, (1, 1), "SAME",
+                                                       dimension_numbers=NHWC))
+  default = conv.lower(x, w).compile().as_text()
+  ours = conv.lower(x, w).compile(compiler_options=lowering.compiler_options("cpu")).as_text()
+  assert _fused_convolutions(default) == 1   # the option is needed ...
+  assert _fused_convolutions(ours) == 0      # ... and takes effect
+  assert " convolution(" in ours
+  assert steps.compiler_options(steps.make_mesh(jax.devices("cpu"))) == \
+      lowering.CPU_COMPILER_OPTIONS
+  assert lowering.compiler_options("gpu") == {}
 
 
 def _relative_error(got, want) -> float:

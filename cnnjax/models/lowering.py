@@ -1,26 +1,31 @@
 """How convolutions and max pooling are lowered: XLA's own ops or faster equivalents.
 
-XLA:CPU's convolution emitter is slow in cases CNNs hit constantly: depthwise
-convolutions, 3x3 convolutions over small maps (a 2x2 map runs 20-80x below
-the machine's matmul rate) and filter gradients; its max-pool gradient
-(select-and-scatter) is ~13x slower than the forward pass. Every model builds
-its convolutions with `Conv`, whose `conv_general_dilated` computes what
-`lax.conv_general_dilated` computes, lowered per call from static shapes:
-- "pointwise": a 1x1 convolution is a matmul over (batch*positions, channels);
-  a strided one takes the strided positions first;
-- "im2col": a kxk convolution with at least `MIN_IM2COL_FEATURES` outputs.
-  Its backward pass gathers the k*k shifted (strided) views of the padded
-  input into one (positions, k*k*in) patch matrix: the filter gradient is one
-  matmul with it, the input gradient a matmul scattered back through the
-  views. The forward pass is the patch matrix times the kernel reshaped to
-  (k*k*in, out), or XLA's convolution where that measured faster (large maps
-  at stride 1, 3-channel stems);
+XLA:CPU is slow in cases CNNs hit constantly: depthwise convolutions, 3x3
+convolutions over tiny maps (a 2x2 map runs 20-80x below the machine's matmul
+rate), and its max-pool gradient (select-and-scatter, ~13x slower than the
+forward pass). Every model builds its convolutions with `Conv`, whose
+`conv_general_dilated` computes what `lax.conv_general_dilated` computes,
+lowered per call from static shapes:
+- "pointwise": a 1x1 convolution is one 2-D matmul over (batch*positions,
+  channels); a strided one takes the strided positions first;
+- "im2col": a kxk convolution with at most `IM2COL_MAX_POSITIONS` output
+  positions. Its backward pass gathers the k*k shifted (strided) views of the
+  padded input into one (positions, k*k*in) patch matrix: the filter gradient
+  is one matmul with it, the input gradient a matmul scattered back through the
+  views. The forward pass is XLA's convolution on 4x4 outputs and the patch
+  matrix times the kernel on smaller ones;
 - "shift_add": a depthwise convolution (one input channel per group) is the
   sum over the k*k window offsets of shifted views times a per-channel weight,
-  elementwise work XLA fuses into a few loops;
-- "xla": `lax.conv_general_dilated` itself, for everything else (thin
-  convolutions, grouped convolutions, input dilation, non-NHWC layouts) and
-  whenever `use("xla")` is active.
+  elementwise work XLA fuses into one loop, with a hand-written backward pass
+  (see `_depthwise`);
+- "xla": `lax.conv_general_dilated` itself, for everything else (kxk
+  convolutions over larger maps, grouped convolutions, input dilation, non-NHWC
+  layouts) and whenever `use("xla")` is active.
+
+The choices were measured under `CPU_COMPILER_OPTIONS`, which keep XLA:CPU's
+own convolutions instead of the YNNPACK library's (2x faster here); cnnjax's
+steps compile with `compiler_options(platform)`, and code that jits a model
+itself should pass them too.
 
 `max_pool` takes the maximum over the window's shifted views; its gradient
 goes to the first maximal element of each window in row-major order, the
@@ -48,7 +53,19 @@ from jax import lax
 
 MODES = ("auto", "xla")
 
-MIN_IM2COL_FEATURES = 32
+# kxk convolutions with at most this many output positions run as im2col; above
+# it XLA's own convolution (and its autodiff) is as fast or faster (see `choose`).
+IM2COL_MAX_POSITIONS = 16
+
+# XLA:CPU compiler options the lowering's choices were measured under. By default
+# XLA:CPU hands convolutions, and dots with the elementwise work around them, to
+# the YNNPACK library. Its convolutions are slow here: a 3x3 convolution over a
+# 32x32x64 map runs at 30 GFLOP/s where XLA's own reaches 62, and a fused
+# BN-ReLU-conv of DenseNet at 12. Dots (alone) and reductions stay with YNNPACK,
+# which is faster for them; elementwise work stays with XLA's loop fusion.
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type":
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 _MODE = contextvars.ContextVar("cnnjax_lowering", default="auto")
 
@@ -69,6 +86,15 @@ def current_mode() -> str:
   return _MODE.get()
 
 
+def compiler_options(platform: str) -> dict:
+  """The options to compile cnnjax computations with on `platform` ("cpu", "gpu", ...).
+
+  Pass them to `jax.jit(..., compiler_options=...)` or `.compile(compiler_options=...)`;
+  cnnjax's own train and eval steps do.
+  """
+  return dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else {}
+
+
 def _explicit_padding(padding, in_spatial, kernel, strides, dilation) -> list[tuple[int, int]]:
   if isinstance(padding, str):
     dilated = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
@@ -76,8 +102,8 @@ def _explicit_padding(padding, in_spatial, kernel, strides, dilation) -> list[tu
   return [tuple(p) for p in padding]
 
 
-def choose(lhs_shape, rhs_shape, window_strides, lhs_dilation, dimension_numbers,
-           feature_group_count: int, batch_group_count: int) -> str:
+def choose(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation, rhs_dilation,
+           dimension_numbers, feature_group_count: int, batch_group_count: int) -> str:
   """The lowering `conv_general_dilated` uses for these static arguments."""
   if _MODE.get() == "xla":
     return "xla"
@@ -91,9 +117,11 @@ def choose(lhs_shape, rhs_shape, window_strides, lhs_dilation, dimension_numbers
   if feature_group_count == 1:
     if (kh, kw) == (1, 1):
       return "pointwise"
-    # Few output channels make the patch matrix's matmuls thin (N < 32): XLA's own
-    # convolution is then faster, by 1.7x for a CIFAR ResNet of widths 8/16/32.
-    return "im2col" if rhs_shape[3] >= MIN_IM2COL_FEATURES else "xla"
+    strides, dilation = tuple(window_strides), tuple(rhs_dilation or (1, 1))
+    pads = _explicit_padding(padding, lhs_shape[1:3], (kh, kw), strides, dilation)
+    padded = (lhs_shape[0], *(lhs_shape[1 + a] + sum(pads[a]) for a in range(2)), in_features)
+    out_h, out_w = _out_spatial(padded, (kh, kw), strides, dilation)
+    return "im2col" if out_h * out_w <= IM2COL_MAX_POSITIONS else "xla"
   if feature_group_count == in_features == rhs_shape[3] and in_per_group == 1:
     return "shift_add"
   return "xla"
@@ -129,8 +157,8 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
                          batch_group_count: int = 1, precision=None,
                          preferred_element_type=None) -> jax.Array:
   """`lax.conv_general_dilated` with the same signature, lowered as `choose` says."""
-  method = choose(lhs.shape, rhs.shape, window_strides, lhs_dilation, dimension_numbers,
-                  feature_group_count, batch_group_count)
+  method = choose(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
+                  dimension_numbers, feature_group_count, batch_group_count)
   if method == "xla":
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
@@ -151,7 +179,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
     columns = _windows(padded, (1, 1), strides, dilation, out_spatial)[0]
     return _matmul(columns, rhs.reshape(in_per_group, out_features), precision, dtype)
   geometry = _Geometry((kh, kw), strides, dilation, out_spatial, precision,
-                       _xla_forward(padded.shape, strides))
+                       _xla_forward(out_spatial))
   out = _dense_conv(padded, rhs, geometry)
   return out if dtype is None else out.astype(dtype)
 
@@ -247,15 +275,13 @@ class _Geometry(NamedTuple):
   xla_forward: bool
 
 
-def _xla_forward(padded_shape, strides) -> bool:
-  """Whether XLA's convolution beats im2col for the forward pass (measured on CPU).
+def _xla_forward(out_spatial) -> bool:
+  """Whether XLA's convolution beats the patch matrix for an im2col layer's forward pass.
 
-  Over large maps the patch matrix costs more memory traffic than XLA's direct
-  convolution; with few input channels (a stem) the patch gather is mostly
-  overhead. Elsewhere (small maps, strided) im2col wins, up to ~25x on 2x2 maps.
+  Measured on CPU: on 4x4 outputs XLA's is faster (4.7 against 7.6 ms, 16x4x4x256
+  3x3); on 2x2 and 1x1 outputs it is 3-27x slower.
   """
-  positions = (padded_shape[1] // strides[0]) * (padded_shape[2] // strides[1])
-  return padded_shape[3] < 8 or (positions >= 256 and strides == (1, 1))
+  return out_spatial[0] * out_spatial[1] > 4
 
 
 def _matmul(rows, matrix, precision, dtype=None):
@@ -281,9 +307,9 @@ def _im2col(padded, geometry: _Geometry):
 def _dense_conv(padded, kernel, geometry: _Geometry):
   """A kxk convolution of pre-padded NHWC input; the backward pass is always im2col.
 
-  XLA:CPU's filter gradient is its slowest convolution (2-3x im2col's matmul on
-  large maps), so both gradients come from the patch matrix whatever computed
-  the forward pass.
+  On these small maps XLA:CPU's gradients are its slowest convolutions (a 3x3
+  stride-2 layer from 4x4 to 2x2 x512: 71 ms against 6 ms), so both gradients
+  come from the patch matrix whatever computed the forward pass.
   """
   if geometry.xla_forward:
     return lax.conv_general_dilated(padded, kernel, geometry.strides, "VALID",

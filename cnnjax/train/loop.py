@@ -185,9 +185,10 @@ class _Devices:
   """The jit (Mesh) or pmap way of placing state and batches and calling the steps."""
 
   def __init__(self, run: _Run, parallelism: str, fast_compile: bool = False):
-    self.compiler_options = steps.FAST_COMPILE_OPTIONS if fast_compile else {}
     self._compiled_eval = None
     self.mesh = steps.make_mesh()
+    self.compiler_options = {**steps.compiler_options(self.mesh),
+                             **(steps.FAST_COMPILE_OPTIONS if fast_compile else {})}
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P(steps.DATA_AXIS))
     self.pmap = parallelism == "pmap"

@@ -32,6 +32,7 @@ from flax import linen as nn
 from flax.training import dynamic_scale as dynamic_scale_lib
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cnnjax.models import lowering
 from cnnjax.train import optim
 
 DATA_AXIS = "data"
@@ -192,8 +193,12 @@ def make_mesh(devices=None) -> Mesh:
 
 
 def jit_steps(model: nn.Module, tx: optax.GradientTransformation, config: StepConfig,
-              mesh: Mesh, schedule: Callable | None = None) -> tuple[Callable, Callable]:
-  """Train and eval steps compiled once for `mesh`: batch sharded, state replicated, donated."""
+              mesh: Mesh, schedule: Callable | None = None,
+              xla_options: dict | None = None) -> tuple[Callable, Callable]:
+  """Train and eval steps compiled once for `mesh`: batch sharded, state replicated, donated.
+
+  They compile with `xla_options`, by default `compiler_options(mesh)`.
+  """
   replicated = NamedSharding(mesh, P())
   sharded = NamedSharding(mesh, P(DATA_AXIS))
   step = functools.partial(train_step, model=model, tx=tx, config=config, schedule=schedule)
@@ -203,11 +208,18 @@ def jit_steps(model: nn.Module, tx: optax.GradientTransformation, config: StepCo
     # varying-manual-axes check).
     step = jax.shard_map(functools.partial(step, axis_name=DATA_AXIS), mesh=mesh,
                          in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()), check_vma=False)
+  options = compiler_options(mesh) if xla_options is None else xla_options
   train = jax.jit(step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
-                  donate_argnums=0)
+                  donate_argnums=0, compiler_options=options)
   evaluate = jax.jit(functools.partial(eval_step, model=model, use_ema=config.ema_decay > 0),
-                     in_shardings=(replicated, sharded), out_shardings=replicated)
+                     in_shardings=(replicated, sharded), out_shardings=replicated,
+                     compiler_options=options)
   return train, evaluate
+
+
+def compiler_options(mesh: Mesh) -> dict:
+  """The XLA options cnnjax's steps compile with on `mesh`'s platform (see `lowering`)."""
+  return lowering.compiler_options(mesh.devices.flat[0].platform)
 
 
 def with_norm_axis(model: nn.Module, axis_name: str) -> nn.Module:
