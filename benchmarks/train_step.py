@@ -116,24 +116,44 @@ jax.config.update("jax_compilation_cache_dir", sys.argv[2])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 from benchmarks import common
-setup = common.sgd_training(sys.argv[1], int(sys.argv[3]), 16)
+from cnnjax.train import step_cache
+name, size, through_step_cache = sys.argv[1], int(sys.argv[3]), sys.argv[4] == "1"
+setup = common.sgd_training(name, size, 16)
 start = time.perf_counter()
-lowered = setup.train.lower(setup.state, setup.batch)
-traced = time.perf_counter()
-lowered.compile()
-done = time.perf_counter()
-print(json.dumps({"trace_s": traced - start, "compile_s": done - traced}))
+if through_step_cache:
+  _, loaded = step_cache.load_or_compile(
+      setup.train, (setup.state, setup.batch), compiler_options={},
+      description={"benchmark": "common.sgd_training", "model": name, "size": size})
+  print(json.dumps({"total_s": time.perf_counter() - start, "loaded": loaded}))
+else:
+  lowered = setup.train.lower(setup.state, setup.batch)
+  traced = time.perf_counter()
+  lowered.compile()
+  done = time.perf_counter()
+  print(json.dumps({"trace_s": traced - start, "compile_s": done - traced,
+                    "total_s": done - start}))
 """
 
 
 def compile_times(name: str, size: int) -> dict:
-  """Cold and warm-cache compile of the training step, each in a fresh process."""
+  """The training step's compile, each in a fresh process sharing one cache directory.
+
+  cold: empty caches, tracing and compiling; warm_jax_cache: JAX's compilation cache
+  is warm but the step is traced again; warm: cnnjax's step cache (`cnnjax.train.step_cache`,
+  what the training loop uses) finds the step without tracing it.
+  """
+  def child(cache, through_step_cache):
+    out = subprocess.run([sys.executable, "-c", _COMPILE_CHILD, name, cache, str(size),
+                          "1" if through_step_cache else "0"],
+                         check=True, capture_output=True, text=True, cwd=REPO)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
   with tempfile.TemporaryDirectory() as cache:
-    results = {}
-    for label in ("cold", "warm"):
-      out = subprocess.run([sys.executable, "-c", _COMPILE_CHILD, name, cache, str(size)],
-                           check=True, capture_output=True, text=True, cwd=REPO)
-      results[label] = json.loads(out.stdout.strip().splitlines()[-1])
+    results = {"cold": child(cache, False), "warm_jax_cache": child(cache, False)}
+    results["step_cache_fill"] = child(cache, True)  # a miss: writes the entry
+    results["warm"] = child(cache, True)
+  if not results["warm"]["loaded"]:
+    raise RuntimeError("the step cache missed on an unchanged step: its key is not stable")
   return results
 
 

@@ -130,6 +130,10 @@ def test_a_corrupt_newest_checkpoint_resumes_from_the_one_before(reference_run, 
   assert _max_diff(_params(reference), _params(workdir)) == 0.0
   records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   assert {"event": "resume", "step": 36} in records
+  # The reference run compiled this config's step: the resumed one loads it without tracing,
+  # and the params above are bit-identical.
+  compiles = [r for r in records if r.get("split") == "compile"]
+  assert compiles and compiles[-1]["from_step_cache"] == 1.0
 
 
 def test_a_checkpoint_restores_onto_a_different_device_count(reference_run, tmp_path):

@@ -31,7 +31,7 @@ from cnnjax import registry
 from cnnjax import data as data_lib
 from cnnjax.train import checkpoint as checkpoint_lib
 from cnnjax.train import config as config_lib
-from cnnjax.train import optim, steps
+from cnnjax.train import optim, step_cache, steps
 from cnnjax.train.logs import MetricWriter
 
 log = logging.getLogger("cnnjax.train")
@@ -110,6 +110,8 @@ class _Run:
   schedule: Any
   tx: Any
   step_config: steps.StepConfig
+  # What the compiled steps are a function of besides their arguments (step_cache's key).
+  step_description: dict | None = None
 
 
 def _prepare_dataset(config) -> data_lib.DatasetInfo:
@@ -175,10 +177,17 @@ def build(config: ml_collections.ConfigDict) -> _Run:
                                  aux_loss_weight=config.aux_loss_weight,
                                  weight_decay_mode=o.weight_decay_mode, ema_decay=config.ema_decay,
                                  ghost_batch_norm=config.ghost_batch_norm)
+  image_shape = (image_size, image_size, channels)
+  # The steps close over the model, optimizer and schedule: all of them come from the
+  # config and these numbers derived from the dataset.
+  step_description = {"config": config.to_dict(), "num_classes": num_classes,
+                      "image_shape": image_shape, "total_steps": total_steps,
+                      "steps_per_epoch": steps_per_epoch}
   return _Run(model=model, train_batches=train_batches,
-              eval_batches=eval_batches, image_shape=(image_size, image_size, channels),
+              eval_batches=eval_batches, image_shape=image_shape,
               total_steps=total_steps, steps_per_epoch=steps_per_epoch, eval_every=eval_every,
-              schedule=schedule, tx=tx, step_config=step_config)
+              schedule=schedule, tx=tx, step_config=step_config,
+              step_description=(step_description if step_cache.is_cnnjax_model(model) else None))
 
 
 class _Devices:
@@ -186,6 +195,7 @@ class _Devices:
 
   def __init__(self, run: _Run, parallelism: str, fast_compile: bool = False):
     self._compiled_eval = None
+    self.step_description = run.step_description
     self.mesh = steps.make_mesh()
     self.compiler_options = {**steps.compiler_options(self.mesh),
                              **(steps.FAST_COMPILE_OPTIONS if fast_compile else {})}
@@ -236,15 +246,25 @@ class _Devices:
     return {k: float(v) for k, v in metrics.items()}
 
   def compile(self, state, batch):
-    """AOT-compiles the train step for these shapes; (compiled, seconds)."""
+    """AOT-compiles the train step for these shapes; (compiled, seconds, loaded from disk)."""
     start = time.perf_counter()
-    compiled = self.train.lower(state, batch).compile(compiler_options=self.compiler_options)
-    return compiled, time.perf_counter() - start
+    compiled, loaded = self._compile("train", self.train, state, batch)
+    return compiled, time.perf_counter() - start, loaded
+
+  def _compile(self, name: str, step, state, batch):
+    # The step cache covers one process: executables of a multi-process run are untested.
+    if self.pmap or self.step_description is None or jax.process_count() > 1:
+      return step.lower(state, batch).compile(compiler_options=self.compiler_options), False
+    compiled, loaded = step_cache.load_or_compile(
+        step, (state, batch), description={"step": name, **self.step_description},
+        compiler_options=self.compiler_options)
+    if loaded:
+      log.info("%s step loaded from the step cache", name)
+    return compiled, loaded
 
   def eval_step(self, state, batch):
     if self._compiled_eval is None:
-      self._compiled_eval = self.evaluate.lower(state, batch).compile(
-          compiler_options=self.compiler_options)
+      self._compiled_eval, _ = self._compile("eval", self.evaluate, state, batch)
     return self._compiled_eval(state, batch)
 
 
@@ -358,8 +378,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       batches = devices.batches(iterator, config.data.prefetch)
       for batch, current_data_state in batches:
         if train_step is None:
-          train_step, compile_seconds = devices.compile(step_state, batch)
-          writer.write(step, "compile", {"train_step_seconds": compile_seconds})
+          train_step, compile_seconds, loaded = devices.compile(step_state, batch)
+          writer.write(step, "compile", {"train_step_seconds": compile_seconds,
+                                         "from_step_cache": loaded})
           writer.reset_timer(step)
           stepping_since = time.perf_counter()
         step_state, metrics = train_step(step_state, batch)

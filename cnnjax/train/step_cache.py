@@ -1,0 +1,190 @@
+"""Compiled steps kept on disk and found again without tracing.
+
+JAX's persistent compilation cache is keyed by the lowered program, so even a
+warm cache pays for tracing the model in Python first: 4 of the 5 seconds it
+takes to get a ResNet-50 training step back. This cache is keyed by what
+determines that program instead, so a hit skips tracing, lowering and XLA:
+
+- a caller's description of the step (the loop passes the run's config and what
+  it derived from the dataset: classes, image shape, steps);
+- the abstract arguments: tree structure, shapes, dtypes, weak types, shardings;
+- the compiler options, the convolution lowering mode, every JAX config value
+  that is not about caching, logging or dumps, and `XLA_FLAGS`;
+- the versions of Python, jax, jaxlib, flax and optax, a hash of cnnjax's own
+  source, and the devices (platform, kind, ids, processes).
+
+A hit loads the serialized executable (`jax.experimental.serialize_executable`).
+A miss, or an entry that cannot be loaded, compiles afresh and writes the entry
+atomically. Afresh means past JAX's caches, the persistent one and the
+in-memory ones: an XLA:CPU executable that JAX's persistent cache loaded
+serialises without its kernels, and running it after loading it again fails
+with "Function ... not found" (jaxlib 0.10.2). So a miss costs a full compile
+and makes JAX recompile (or reload) its other functions once. Entries live in
+`<jax_compilation_cache_dir>/cnnjax-steps/`; with JAX's cache off this cache
+is off too. Only steps whose model is cnnjax's own may be cached: a model
+defined elsewhere can change without changing anything in the key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import pathlib
+import pickle
+import platform
+import tempfile
+from typing import Any
+
+import jax
+from jax.experimental import serialize_executable
+from jax.experimental.compilation_cache import compilation_cache
+
+from cnnjax.models import lowering
+
+log = logging.getLogger("cnnjax.train")
+
+SUBDIRECTORY = "cnnjax-steps"
+_PACKAGE_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# JAX options that change neither the program nor how it compiles.
+_IRRELEVANT_CONFIG = ("cache", "log", "traceback", "dump", "pprint", "explain")
+
+
+def directory() -> pathlib.Path | None:
+  """Where entries go: beside JAX's persistent compilation cache, or None when it is off."""
+  root = jax.config.values.get("jax_compilation_cache_dir")
+  if not root or not jax.config.values.get("jax_enable_compilation_cache", True):
+    return None
+  return pathlib.Path(root).expanduser() / SUBDIRECTORY
+
+
+@functools.cache
+def source_hash() -> str:
+  """sha256 of every Python file of the cnnjax package (path and contents)."""
+  digest = hashlib.sha256()
+  for path in sorted(_PACKAGE_ROOT.rglob("*.py")):
+    digest.update(str(path.relative_to(_PACKAGE_ROOT)).encode())
+    digest.update(path.read_bytes())
+  return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+  return {"python": platform.python_version(),
+          **{name: importlib.metadata.version(name)
+             for name in ("jax", "jaxlib", "flax", "optax")}}
+
+
+def _abstract(leaf) -> dict[str, Any]:
+  aval = jax.typeof(leaf)
+  sharding = getattr(leaf, "sharding", None)
+  return {"aval": str(aval), "weak_type": bool(getattr(aval, "weak_type", False)),
+          "sharding": repr(sharding),
+          "devices": sorted(d.id for d in sharding.device_set) if sharding is not None else None}
+
+
+def key_material(args: tuple, description: Any, compiler_options: dict) -> dict[str, Any]:
+  """Everything the key is a hash of (JSON-serialisable; `description` via `str` where not)."""
+  leaves, treedef = jax.tree.flatten(args)
+  devices = jax.devices()
+  config = {name: repr(value) for name, value in sorted(jax.config.values.items())
+            if not any(word in name for word in _IRRELEVANT_CONFIG)}
+  return {
+      "description": description,
+      "tree": str(treedef),
+      "leaves": [_abstract(leaf) for leaf in leaves],
+      "compiler_options": {k: str(v) for k, v in sorted(compiler_options.items())},
+      "lowering": lowering.current_mode(),
+      "jax_config": config,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "versions": _versions(),
+      "cnnjax_source": source_hash(),
+      "devices": {"platform": devices[0].platform, "kind": devices[0].device_kind,
+                  "platform_version": devices[0].client.platform_version,
+                  "ids": [d.id for d in devices], "process_index": jax.process_index(),
+                  "process_count": jax.process_count()},
+  }
+
+
+def entry_key(material: dict[str, Any]) -> str:
+  text = json.dumps(material, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _write_atomically(path: pathlib.Path, data: bytes) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
+  try:
+    with os.fdopen(fd, "wb") as file:
+      file.write(data)
+    os.replace(temporary, path)
+  except BaseException:
+    pathlib.Path(temporary).unlink(missing_ok=True)
+    raise
+
+
+def _load(path: pathlib.Path):
+  try:
+    payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+    return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+  except FileNotFoundError:
+    return None
+  except Exception as error:  # noqa: BLE001 - a bad entry is a miss, and gets rewritten
+    log.warning("cnnjax step cache: %s could not be loaded (%s: %s); compiling again",
+                path, type(error).__name__, error)
+    return None
+
+
+@contextlib.contextmanager
+def _past_jax_cache():
+  """JAX's persistent cache off for what compiles inside, on again after.
+
+  JAX decides once per process whether it uses its cache; `reset_cache` makes it
+  decide again. `clear_caches` drops the in-memory executables, any of which may
+  have come from the persistent cache. Not thread-safe: nothing else should
+  compile meanwhile.
+  """
+  enabled = jax.config.values["jax_enable_compilation_cache"]
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
+  jax.clear_caches()
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
+
+
+def load_or_compile(jitted, args: tuple, *, description: Any,
+                    compiler_options: dict | None = None,
+                    cache_dir: pathlib.Path | None = None) -> tuple[Any, bool]:
+  """`jitted.lower(*args).compile(compiler_options)`, from disk when it was done before.
+
+  Returns (compiled, loaded): `loaded` is True when the executable came from the cache.
+  `cache_dir` defaults to `directory()`; with neither, it simply compiles.
+  """
+  compiler_options = dict(compiler_options or {})
+  cache_dir = directory() if cache_dir is None else pathlib.Path(cache_dir)
+  if cache_dir is None:
+    return jitted.lower(*args).compile(compiler_options=compiler_options or None), False
+  path = cache_dir / (entry_key(key_material(args, description, compiler_options)) + ".step")
+  compiled = _load(path)
+  if compiled is not None:
+    return compiled, True
+  with _past_jax_cache():
+    compiled = jitted.lower(*args).compile(compiler_options=compiler_options or None)
+  try:
+    payload = pickle.dumps(serialize_executable.serialize(compiled))
+  except (ValueError, NotImplementedError, pickle.PicklingError, TypeError) as error:
+    log.warning("cnnjax step cache: this step cannot be serialised (%s); not cached", error)
+  else:
+    _write_atomically(path, payload)
+  return compiled, False
+
+
+def is_cnnjax_model(model) -> bool:
+  """True for models defined in cnnjax, the only ones whose code the key covers."""
+  return type(model).__module__.split(".")[0] == "cnnjax"

@@ -1,0 +1,172 @@
+"""The on-disk cache of compiled steps: same results, a key that sees every change, bad
+entries recompiled, and a key that is the same in another process."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+import cnnjax
+from jax.experimental.compilation_cache import compilation_cache
+
+from cnnjax.models import lowering
+from cnnjax.train import optim, step_cache, steps
+
+REPO = os.path.dirname(os.path.dirname(__file__))
+DESCRIPTION = {"model": "resnet20", "depth": 8, "widths": [4, 4, 4], "classes": 3}
+
+
+def _setup(batch_size=4, size=8):
+  # Misses compile afresh, so the smallest ResNet keeps them cheap.
+  model = cnnjax.create_model("resnet20", num_classes=3, depth=8, widths=(4, 4, 4))
+  tx = optim.make_optimizer("sgd", optim.schedule_shape("constant", 1, 1), learning_rate=0.1,
+                            momentum=0.9)
+  train, _ = steps.jit_steps(model, tx, steps.StepConfig(), steps.make_mesh(jax.devices()[:1]))
+  state = steps.init_state(model, tx, (size, size, 3), seed=0)
+  batch = {"image": jax.random.normal(jax.random.key(1), (batch_size, size, size, 3)),
+           "label": jnp.arange(batch_size, dtype=jnp.int32) % 3}
+  return model, train, state, batch
+
+
+def _copy(tree):
+  return jax.tree.map(jnp.copy, tree)  # the steps donate their state
+
+
+def _numbers(tree):
+  unwrap = lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x  # noqa: E731
+  return [np.asarray(unwrap(x)) for x in jax.tree.leaves(tree)]
+
+
+def _key(state, batch, description=DESCRIPTION, options=None):
+  return step_cache.entry_key(step_cache.key_material((state, batch), description, options or {}))
+
+
+def test_a_loaded_step_computes_exactly_what_the_compiled_one_does(tmp_path):
+  _, train, state, batch = _setup()
+  expected_state, expected_metrics = train.lower(state, batch).compile()(_copy(state), batch)
+
+  first, loaded_first = step_cache.load_or_compile(train, (state, batch), description=DESCRIPTION,
+                                                   cache_dir=tmp_path)
+  second, loaded_second = step_cache.load_or_compile(train, (state, batch),
+                                                     description=DESCRIPTION, cache_dir=tmp_path)
+  assert (loaded_first, loaded_second) == (False, True)
+  assert len(list(tmp_path.glob("*.step"))) == 1
+  for compiled in (first, second):
+    new_state, metrics = compiled(_copy(state), batch)
+    for got, want in zip(_numbers((new_state, metrics)), _numbers((expected_state, expected_metrics))):
+      np.testing.assert_array_equal(got, want)
+  assert int(new_state.step) == 1 and float(metrics["loss"]) > 0
+
+
+def test_the_key_changes_with_everything_the_program_depends_on():
+  _, _, state, batch = _setup()
+  base = _key(state, batch)
+  assert _key(state, batch) == base  # deterministic
+  assert _key(state, {**batch, "image": batch["image"][:2], "label": batch["label"][:2]}) != base
+  assert _key(state, {**batch, "image": batch["image"].astype(jnp.bfloat16)}) != base
+  assert _key(state, batch, {**DESCRIPTION, "classes": 4}) != base
+  assert _key(state, batch, options={"xla_backend_optimization_level": 0}) != base
+  with lowering.use("xla"):
+    assert _key(state, batch) != base
+  params = jax.tree.map(lambda x: x, state.params)
+  params["extra"] = jnp.zeros(())
+  assert _key(state.replace(params=params), batch) != base  # the tree's structure
+  with jax.default_matmul_precision("highest"):
+    assert _key(state, batch) != base  # a JAX config value that changes tracing
+
+
+def test_a_corrupt_entry_is_compiled_again_and_replaced(tmp_path, caplog):
+  _, train, state, batch = _setup()
+  step_cache.load_or_compile(train, (state, batch), description=DESCRIPTION, cache_dir=tmp_path)
+  (entry,) = tmp_path.glob("*.step")
+  entry.write_bytes(entry.read_bytes()[:1000])
+  with caplog.at_level(logging.WARNING, logger="cnnjax.train"):
+    compiled, loaded = step_cache.load_or_compile(train, (state, batch), description=DESCRIPTION,
+                                                  cache_dir=tmp_path)
+  assert not loaded and "could not be loaded" in caplog.text
+  assert float(compiled(_copy(state), batch)[1]["loss"]) > 0
+  assert step_cache.load_or_compile(train, (state, batch), description=DESCRIPTION,
+                                    cache_dir=tmp_path)[1]
+  assert not list(tmp_path.glob("*.partial"))
+
+
+def test_it_is_off_without_a_compilation_cache():
+  saved = jax.config.values["jax_compilation_cache_dir"]
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert step_cache.directory() is None
+    jax.config.update("jax_compilation_cache_dir", "/some/cache")
+    assert str(step_cache.directory()) == f"/some/cache/{step_cache.SUBDIRECTORY}"
+  finally:
+    jax.config.update("jax_compilation_cache_dir", saved)
+
+
+def test_only_cnnjax_models_are_cached():
+  class Outside(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2)(x)
+
+  assert step_cache.is_cnnjax_model(cnnjax.create_model("resnet20", num_classes=3))
+  assert not step_cache.is_cnnjax_model(Outside())
+
+
+_OTHER_PROCESS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import test_step_cache as t
+_, _, state, batch = t._setup()
+print(json.dumps(t._key(state, batch)))
+"""
+
+
+def test_another_process_computes_the_same_key():
+  """A key with a memory address or a set order in it would never hit across processes."""
+  _, _, state, batch = _setup()
+  out = subprocess.run([sys.executable, "-c", _OTHER_PROCESS, os.path.dirname(__file__)], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "PYTHONHASHSEED": "123"})
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert json.loads(out.stdout.strip().splitlines()[-1]) == _key(state, batch)
+
+
+def test_a_source_change_changes_the_hash(tmp_path, monkeypatch):
+  package = tmp_path / "cnnjax"
+  (package / "models").mkdir(parents=True)
+  (package / "models" / "a.py").write_text("X = 1\n")
+  monkeypatch.setattr(step_cache, "_PACKAGE_ROOT", package)
+  step_cache.source_hash.cache_clear()
+  try:
+    before = step_cache.source_hash()
+    (package / "models" / "a.py").write_text("X = 2\n")
+    step_cache.source_hash.cache_clear()
+    assert step_cache.source_hash() != before
+  finally:
+    step_cache.source_hash.cache_clear()
+
+
+def test_a_step_that_jax_cache_holds_is_still_cached_runnable(tmp_path):
+  """An executable JAX's persistent cache loaded serialises without its kernels on XLA:CPU;
+  the step cache must compile afresh rather than store that."""
+  _, train, state, batch = _setup()
+  saved = {name: jax.config.values[name] for name in (
+      "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+  try:
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    compilation_cache.reset_cache()
+    train.lower(state, batch).compile()  # now in JAX's cache
+    assert list((tmp_path / "jax").iterdir())
+    step_cache.load_or_compile(train, (state, batch), description=DESCRIPTION)
+    compiled, loaded = step_cache.load_or_compile(train, (state, batch), description=DESCRIPTION)
+  finally:
+    for name, value in saved.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()
+  assert loaded
+  assert float(compiled(_copy(state), batch)[1]["loss"]) > 0
