@@ -41,6 +41,12 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
 
 def interleaved(callables: dict, rounds: int, warmup: int = 2) -> dict:
   """Median seconds per callable, timed in alternation so all see the same machine state."""
+  return {key: statistics.median(values)
+          for key, values in interleaved_times(callables, rounds, warmup).items()}
+
+
+def interleaved_times(callables: dict, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
+  """Seconds of every round per callable; round i of each ran back to back."""
   for fn in callables.values():
     for _ in range(warmup):
       fn()
@@ -50,7 +56,7 @@ def interleaved(callables: dict, rounds: int, warmup: int = 2) -> dict:
       start = time.perf_counter()
       fn()
       times[key].append(time.perf_counter() - start)
-  return {key: statistics.median(values) for key, values in times.items()}
+  return times
 
 
 @dataclasses.dataclass

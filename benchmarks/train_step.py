@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -185,11 +186,16 @@ def main(argv=None) -> None:
       if args.plain_xla:
         plain_train, plain_infer, _ = _jax_steps(name, size, mode="xla")
         steps_to_time.update(xla_train=plain_train, xla_infer=plain_infer)
-      medians = common.interleaved(steps_to_time, args.rounds)
+      times = common.interleaved_times(steps_to_time, args.rounds)
+      medians = {key: statistics.median(values) for key, values in times.items()}
       row = {"model": name, "size": size, "batch": BATCH, "forward_gflop": forward_flops / 1e9,
              **{f"{key}_s": value for key, value in medians.items()}}
       for mode, flop in (("train", 3 * forward_flops), ("infer", forward_flops)):
         row[f"{mode}_ratio"] = medians[f"jax_{mode}"] / medians[f"torch_{mode}"]
+        # Paired rounds: how often cnnjax was the faster of the two steps timed back to back.
+        row[f"{mode}_rounds_cnnjax_faster"] = sum(
+            j < t for j, t in zip(times[f"jax_{mode}"], times[f"torch_{mode}"]))
+        row[f"{mode}_rounds"] = args.rounds
         if args.plain_xla:
           row[f"xla_{mode}_ratio"] = medians[f"xla_{mode}"] / medians[f"torch_{mode}"]
         for lib in ("jax", "torch"):
@@ -199,7 +205,8 @@ def main(argv=None) -> None:
       print(f"{name:16s} {size:4d}  train {row['jax_train_s']:.3f}s vs {row['torch_train_s']:.3f}s "
             f"(x{row['train_ratio']:.2f}, {row['jax_train_peak_fraction']:.0%} of peak)  "
             f"infer {row['jax_infer_s']:.3f}s vs {row['torch_infer_s']:.3f}s "
-            f"(x{row['infer_ratio']:.2f})", flush=True)
+            f"(x{row['infer_ratio']:.2f}); cnnjax faster in {row['train_rounds_cnnjax_faster']} "
+            f"and {row['infer_rounds_cnnjax_faster']} of {args.rounds} rounds", flush=True)
   compile_record = None
   if args.compile_model:
     compile_record = {"model": args.compile_model, "size": 224,
