@@ -22,7 +22,9 @@ with "Function ... not found" (jaxlib 0.10.2). So a miss costs a full compile
 and makes JAX recompile (or reload) its other functions once. Entries live in
 `<jax_compilation_cache_dir>/cnnjax-steps/`; with JAX's cache off this cache
 is off too. Only steps whose model is cnnjax's own may be cached: a model
-defined elsewhere can change without changing anything in the key.
+defined elsewhere can change without changing anything in the key. Entries are
+pickles, and loading one can run code: trust the directory as you would JAX's
+own cache. Nothing evicts entries; deleting the directory is always safe.
 """
 
 from __future__ import annotations
