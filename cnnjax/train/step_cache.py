@@ -169,15 +169,16 @@ def load_or_compile(jitted, args: tuple, *, description: Any,
   `cache_dir` defaults to `directory()`; with neither, it simply compiles.
   """
   compiler_options = dict(compiler_options or {})
+  compile_now = lambda: jitted.lower(*args).compile(compiler_options=compiler_options or None)  # noqa: E731
   cache_dir = directory() if cache_dir is None else pathlib.Path(cache_dir)
   if cache_dir is None:
-    return jitted.lower(*args).compile(compiler_options=compiler_options or None), False
+    return compile_now(), False
   path = cache_dir / (entry_key(key_material(args, description, compiler_options)) + ".step")
   compiled = _load(path)
   if compiled is not None:
     return compiled, True
   with _past_jax_cache():
-    compiled = jitted.lower(*args).compile(compiler_options=compiler_options or None)
+    compiled = compile_now()
   try:
     payload = pickle.dumps(serialize_executable.serialize(compiled))
   except (ValueError, NotImplementedError, pickle.PicklingError, TypeError) as error:
