@@ -18,6 +18,7 @@ from flax import linen as nn
 
 from cnnjax import registry
 from cnnjax.models import common, lowering
+from cnnjax.models.batchnorm import BatchNorm
 
 ModuleDef = common.ModuleDef
 
@@ -58,7 +59,7 @@ class CifarResNet(nn.Module):
   num_classes: int = 10
   widths: tuple[int, int, int] = (16, 32, 64)
   conv: ModuleDef = lowering.Conv
-  norm: ModuleDef = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+  norm: ModuleDef = functools.partial(BatchNorm, momentum=0.9, epsilon=1e-5)
   activation: Callable = nn.relu
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cnnjax.models import common, lowering
+from cnnjax.models.batchnorm import BatchNorm
 from cnnjax.registry import register_model
 
 ModuleDef = common.ModuleDef
@@ -56,7 +57,7 @@ class DenseNet(nn.Module):
   compression: float = 0.5
   num_classes: int = 1000
   conv: ModuleDef = lowering.Conv
-  norm: ModuleDef = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+  norm: ModuleDef = functools.partial(BatchNorm, momentum=0.9, epsilon=1e-5)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cnnjax.models import common, lowering
+from cnnjax.models.batchnorm import BatchNorm
 from cnnjax.registry import register_model
 
 ModuleDef = common.ModuleDef
@@ -36,7 +37,7 @@ class ConvBN(nn.Module):
   kernel: int
   strides: int = 1
   conv: ModuleDef = lowering.Conv
-  norm: ModuleDef = nn.BatchNorm
+  norm: ModuleDef = BatchNorm
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -104,7 +105,7 @@ class GoogLeNet(nn.Module):
   dropout: float = 0.2
   aux_dropout: float = 0.7
   conv: ModuleDef = lowering.Conv
-  norm: ModuleDef = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-3)
+  norm: ModuleDef = functools.partial(BatchNorm, momentum=0.9, epsilon=1e-3)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cnnjax.models import blockspec, common, lowering
+from cnnjax.models.batchnorm import BatchNorm
 
 ModuleDef = common.ModuleDef
 
@@ -107,7 +108,7 @@ class MobileConvNet(nn.Module):
   padding: str = "SAME"
   activation: Callable = nn.swish
   conv: ModuleDef = lowering.Conv
-  norm: ModuleDef = functools.partial(nn.BatchNorm, momentum=0.99, epsilon=1e-3)
+  norm: ModuleDef = functools.partial(BatchNorm, momentum=0.99, epsilon=1e-3)
   kernel_init: Callable = common.tf_efficientnet_conv_init
   dense_init: Callable = common.tf_efficientnet_dense_init
   # The resolution the variant was designed for (informational; see `input_size`).

@@ -15,6 +15,7 @@ import functools
 from flax import linen as nn
 
 from cnnjax.models import common
+from cnnjax.models.batchnorm import BatchNorm
 from cnnjax.models.mobile import MobileConvNet
 from cnnjax.registry import register_model
 
@@ -28,7 +29,7 @@ MOBILENET_V2_STAGES = (
     "mb_r3_k3_s1_e6_o96", "mb_r3_k3_s2_e6_o160", "mb_r1_k3_s1_e6_o320",
 )
 
-_torch_norm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+_torch_norm = functools.partial(BatchNorm, momentum=0.9, epsilon=1e-5)
 
 MobileNetV1 = functools.partial(
     MobileConvNet, stages=MOBILENET_V1_STAGES, head_features=None, dropout=0.0,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cnnjax.models import common, lowering
+from cnnjax.models.batchnorm import BatchNorm
 from cnnjax.registry import register_model
 
 ModuleDef = common.ModuleDef
@@ -77,7 +78,7 @@ class ResNet(nn.Module):
   width: int = 64
   zero_init_last: bool = False
   conv: ModuleDef = lowering.Conv
-  norm: ModuleDef = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+  norm: ModuleDef = functools.partial(BatchNorm, momentum=0.9, epsilon=1e-5)
   activation: Callable = nn.relu
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32

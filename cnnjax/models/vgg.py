@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cnnjax.models import common, lowering
+from cnnjax.models.batchnorm import BatchNorm
 from cnnjax.registry import register_model
 
 ModuleDef = common.ModuleDef
@@ -37,7 +38,7 @@ class VGG(nn.Module):
   hidden: int = 4096
   dropout: float = 0.5
   conv: ModuleDef = lowering.Conv
-  norm: ModuleDef = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+  norm: ModuleDef = functools.partial(BatchNorm, momentum=0.9, epsilon=1e-5)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
