@@ -118,3 +118,24 @@ def test_gradient_through_the_returned_statistics():
 def test_other_feature_axes_are_refused():
   with pytest.raises(ValueError, match="last .feature. axis"):
     BatchNorm(axis=1).init(jax.random.key(0), jnp.ones((2, 3, 4)), use_running_average=False)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet20", "densenet121", "vgg11_bn",
+                                  "googlenet", "mobilenet_v1", "mobilenet_v2", "efficientnet_b0"])
+def test_every_normalising_model_uses_it_by_default(name):
+  """The fast path is the default: every normalisation layer the model calls is cnnjax's."""
+  import cnnjax  # noqa: PLC0415
+
+  model = cnnjax.create_model(name, num_classes=10)
+  norm_classes = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and "Norm" in type(context.module).__name__:
+      norm_classes.append(type(context.module))
+    return next_fun(*args, **kwargs)
+
+  size = max(cnnjax.model_info(name).min_input_size, 32)
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, size, size, 3)),
+                                      train=True))
+  assert norm_classes and set(norm_classes) == {BatchNorm}, (name, set(norm_classes))
