@@ -170,3 +170,16 @@ def test_a_step_that_jax_cache_holds_is_still_cached_runnable(tmp_path):
     compilation_cache.reset_cache()
   assert loaded
   assert float(compiled(_copy(state), batch)[1]["loss"]) > 0
+
+
+def test_an_unwritable_cache_directory_costs_the_cache_not_the_step(tmp_path, caplog):
+  _, train, state, batch = _setup()
+  not_a_directory = tmp_path / "file"
+  not_a_directory.write_text("a user's file, kept")
+  with caplog.at_level(logging.WARNING, logger="cnnjax.train"):
+    compiled, loaded = step_cache.load_or_compile(train, (state, batch), description=DESCRIPTION,
+                                                  cache_dir=not_a_directory / "steps")
+  assert not loaded and "could not write" in caplog.text
+  _, metrics = compiled(_copy(state), batch)
+  assert np.isfinite(float(metrics["loss"]))
+  assert not_a_directory.read_text() == "a user's file, kept"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import pathlib
 import time
 import traceback
@@ -23,6 +22,7 @@ from typing import Any
 
 import ml_collections
 
+from cnnjax import fileio
 from cnnjax.train.config import with_overrides as apply_overrides
 
 log = logging.getLogger("cnnjax.experiments")
@@ -47,10 +47,7 @@ def read_status(directory: pathlib.Path) -> dict | None:
 
 
 def _write_status(directory: pathlib.Path, status: dict) -> None:
-  directory.mkdir(parents=True, exist_ok=True)
-  tmp = directory / "status.json.tmp"
-  tmp.write_text(json.dumps(status, indent=1, default=str))
-  os.replace(tmp, directory / "status.json")
+  fileio.write_atomically(directory / "status.json", json.dumps(status, indent=1, default=str))
 
 
 def run_trial(base: ml_collections.ConfigDict, workdir: pathlib.Path, index: int, trial: Trial,

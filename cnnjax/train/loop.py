@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cnnjax import registry
 from cnnjax import data as data_lib
+from cnnjax import fileio
 from cnnjax.train import checkpoint as checkpoint_lib
 from cnnjax.train import config as config_lib
 from cnnjax.train import optim, step_cache, steps
@@ -90,10 +91,7 @@ def _check_or_write_config(config: ml_collections.ConfigDict, workdir: pathlib.P
           "changes would mix two experiments; use a new --workdir, or restore the old values.")
     return
   if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_flat(config), indent=1, sort_keys=True))
-    tmp.rename(path)
+    fileio.write_atomically(path, json.dumps(_flat(config), indent=1, sort_keys=True))
 
 
 @dataclasses.dataclass

@@ -39,13 +39,13 @@ import os
 import pathlib
 import pickle
 import platform
-import tempfile
 from typing import Any
 
 import jax
 from jax.experimental import serialize_executable
 from jax.experimental.compilation_cache import compilation_cache
 
+from cnnjax import fileio
 from cnnjax.models import lowering
 
 log = logging.getLogger("cnnjax.train")
@@ -116,18 +116,6 @@ def entry_key(material: dict[str, Any]) -> str:
   return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _write_atomically(path: pathlib.Path, data: bytes) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
-  try:
-    with os.fdopen(fd, "wb") as file:
-      file.write(data)
-    os.replace(temporary, path)
-  except BaseException:
-    pathlib.Path(temporary).unlink(missing_ok=True)
-    raise
-
-
 def _load(path: pathlib.Path):
   try:
     payload, in_tree, out_tree = pickle.loads(path.read_bytes())
@@ -184,7 +172,10 @@ def load_or_compile(jitted, args: tuple, *, description: Any,
   except (ValueError, NotImplementedError, pickle.PicklingError, TypeError) as error:
     log.warning("cnnjax step cache: this step cannot be serialised (%s); not cached", error)
   else:
-    _write_atomically(path, payload)
+    try:
+      fileio.write_atomically(path, payload)
+    except OSError as error:  # a read-only or full disk costs the cache, not the run
+      log.warning("cnnjax step cache: could not write %s (%s); not cached", path, error)
   return compiled, False
 
 
