@@ -41,8 +41,11 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
 
 def interleaved(callables: dict, rounds: int, warmup: int = 2) -> dict:
   """Median seconds per callable, timed in alternation so all see the same machine state."""
-  return {key: statistics.median(values)
-          for key, values in interleaved_times(callables, rounds, warmup).items()}
+  return medians(interleaved_times(callables, rounds, warmup))
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
+  return {key: statistics.median(values) for key, values in times.items()}
 
 
 def interleaved_times(callables: dict, rounds: int, warmup: int = 2) -> dict[str, list[float]]:

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -187,7 +186,7 @@ def main(argv=None) -> None:
         plain_train, plain_infer, _ = _jax_steps(name, size, mode="xla")
         steps_to_time.update(xla_train=plain_train, xla_infer=plain_infer)
       times = common.interleaved_times(steps_to_time, args.rounds)
-      medians = {key: statistics.median(values) for key, values in times.items()}
+      medians = common.medians(times)
       row = {"model": name, "size": size, "batch": BATCH, "forward_gflop": forward_flops / 1e9,
              **{f"{key}_s": value for key, value in medians.items()}}
       for mode, flop in (("train", 3 * forward_flops), ("infer", forward_flops)):

@@ -102,11 +102,8 @@ def _batch_norm_bwd(static, residuals, cotangents):
   grad_scale = ((grad * x).sum(axes) - mean * sum_grad) * inv_std
   # Summed over the named axis, they give the cotangents of the global statistics,
   # which reach every element through mean(x) and mean(x^2).
-  count = x.size // x.shape[-1]
-  total_sum_grad, total_grad_scale = sum_grad, grad_scale
-  if static.axis_name is not None:
-    total_sum_grad, total_grad_scale = _global_sum(jnp.stack([sum_grad, grad_scale]), static)
-    count = count * _global_sum(1, static)
+  total_sum_grad, total_grad_scale = _global_sum(jnp.stack([sum_grad, grad_scale]), static)
+  count = x.size // x.shape[-1] * _global_sum(1, static)
   stat_mean = -multiplier * total_sum_grad
   stat_var = -0.5 * multiplier * inv_std * total_grad_scale
   # The returned statistics' own cotangents: symbolic zeros unless a caller
