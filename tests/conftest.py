@@ -12,7 +12,10 @@ import jax
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-REFERENCE_DIR = pathlib.Path(os.environ.get("CNNJAX_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+# The project's reference facts (../shared/reference), copied here so that a clone
+# anywhere runs the suite; test_reference checks the copy against the original.
+SHARED_REFERENCE_DIR = REPO.parent / "shared" / "reference"
+REFERENCE_DIR = pathlib.Path(os.environ.get("CNNJAX_REFERENCE_DIR", REPO / "tests" / "reference"))
 
 _CACHE = os.environ.get("CNNJAX_TEST_CACHE", str(pathlib.Path.home() / ".cache" / "cnnjax" / "jax-test-cache"))
 jax.config.update("jax_compilation_cache_dir", _CACHE)

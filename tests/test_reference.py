@@ -1,5 +1,6 @@
 """Every model against the reference facts: parameters, BatchNorm state, FLOPs."""
 
+import pathlib
 import re
 
 import jax
@@ -21,6 +22,16 @@ def _abstract_variables(model, size, channels=3):
 
 def _count(tree):
   return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+
+
+def test_the_copied_reference_facts_equal_the_shared_originals():
+  tests = pathlib.Path(__file__).resolve().parent
+  shared = tests.parents[1] / "shared" / "reference"
+  if not shared.is_dir():
+    pytest.skip(f"no shared reference facts beside this clone ({shared})")
+  for name in ("models.json", "efficientnet.md"):
+    assert (tests / "reference" / name).read_bytes() == (shared / name).read_bytes(), (
+        f"tests/reference/{name} differs from {shared / name}: copy the shared file again")
 
 
 def test_every_named_reference_exists(reference_models):
