@@ -2,10 +2,20 @@
 
 The notebook API: `list_models`, `create_model`, `model_info`, and the
 convolution arithmetic `count_params`, `flops`, `summary`.
+
+Importing cnnjax makes one process-wide setting, documented and reversible in
+`cnnjax.xla_cpu`: XLA:CPU keeps convolutions with XLA rather than YNNPACK, so a
+plain `jax.jit` of a model compiles as cnnjax's own steps do. `CNNJAX_XLA_FLAGS=0`
+opts out.
 """
 
-from cnnjax.analysis import Summary, count_params, flops, summary
-from cnnjax.registry import ModelInfo, create_model, list_models, model_info, register_model
+from cnnjax import xla_cpu
+
+xla_cpu.apply()
+
+from cnnjax.analysis import Summary, count_params, flops, summary  # noqa: E402
+from cnnjax.registry import (  # noqa: E402
+    ModelInfo, create_model, list_models, model_info, register_model)
 
 __all__ = [
     "ModelInfo",

@@ -22,6 +22,9 @@ jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 os.environ["CNNJAX_TEST_CACHE"] = _CACHE  # subprocess workers share it
+# The CPU lowering's static heuristics: no per-machine measurement, so every machine
+# traces the same programs (tests/test_tuning.py measures in its own directories).
+os.environ.setdefault("CNNJAX_TUNING", "off")
 
 
 @pytest.fixture(scope="session")

@@ -24,14 +24,15 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 
 # (input NHWC, kernel HWIO, strides, padding, rhs dilation, groups, expected lowering)
 CASES = {
-    # kxk convolutions: im2col up to IM2COL_MAX_POSITIONS (16) output positions.
+    # kxk convolutions, by the static heuristic (the suite runs with tuning off): im2col up
+    # to IM2COL_MAX_POSITIONS (16) output positions, its patch-matrix forward pass up to 4.
     "3x3 same on 4x4": ((2, 4, 4, 5), (3, 3, 5, 32), (1, 1), "SAME", (1, 1), 1, "im2col"),
     "3x3 stride 2 tf-same even": ((2, 8, 8, 4), (3, 3, 4, 32), (2, 2), "SAME", (1, 1), 1,
                                   "im2col"),
     "3x3 on a 2x2 map": ((3, 2, 2, 8), (3, 3, 8, 32), (1, 1), ((1, 1), (1, 1)), (1, 1), 1,
-                         "im2col"),
+                         "im2col_matmul"),
     "3x3 narrow on a 2x2 map": ((3, 2, 2, 8), (3, 3, 8, 5), (1, 1), "SAME", (1, 1), 1,
-                                "im2col"),
+                                "im2col_matmul"),
     "7x7 stride 2 pad 3": ((2, 7, 5, 3), (7, 7, 3, 32), (2, 2), ((3, 3), (3, 3)), (1, 1), 1,
                            "im2col"),
     "5x5 valid": ((1, 8, 7, 2), (5, 5, 2, 33), (1, 1), "VALID", (1, 1), 1, "im2col"),
@@ -63,16 +64,17 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("forward", ["im2col forward", "xla forward"])
+@pytest.mark.parametrize("method", lowering.DENSE_METHODS)
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_lowering_matches_xla_in_value_and_gradients(case, forward, monkeypatch):
+def test_lowering_matches_xla_in_value_and_gradients(case, method, monkeypatch):
   lhs_shape, rhs_shape, strides, padding, dilation, groups, expected = CASES[case]
   assert lowering.choose(lhs_shape, rhs_shape, strides, padding, None, dilation, NHWC, groups,
                          1) == expected
-  if expected != "im2col" and forward == "xla forward":
-    pytest.skip("only kxk convolutions choose their forward pass")
-  # Both forward passes of a kxk convolution share the im2col backward pass.
-  monkeypatch.setattr(lowering, "_xla_forward", lambda *_: forward == "xla forward")
+  dense = expected in lowering.DENSE_METHODS
+  if not dense and method != "xla":
+    pytest.skip("only kxk convolutions have several lowerings to choose from")
+  if dense:  # every lowering a tuning table may choose
+    monkeypatch.setattr(lowering, "_tuned_dense_choice", lambda *_: method)
   x = jax.random.normal(jax.random.key(0), lhs_shape)
   w = jax.random.normal(jax.random.key(1), rhs_shape)
   probe = jax.random.normal(jax.random.key(2), lax.conv_general_dilated(
@@ -103,11 +105,12 @@ def test_xla_mode_forces_the_reference_and_rejects_unknown_modes():
       pass
 
 
-def test_forward_choice_follows_the_measured_rule():
-  assert lowering._xla_forward((4, 4))       # 4x4 outputs: XLA's convolution
-  assert lowering._xla_forward((2, 3))
-  assert not lowering._xla_forward((2, 2))   # 2x2 and smaller: the patch matrix
-  assert not lowering._xla_forward((1, 1))
+def test_static_choice_follows_the_measured_rule():
+  assert lowering.static_choice(17) == "xla"            # larger maps: XLA's convolution
+  assert lowering.static_choice(16) == "im2col"         # 4x4 outputs: XLA's forward pass
+  assert lowering.static_choice(6) == "im2col"
+  assert lowering.static_choice(4) == "im2col_matmul"   # 2x2 and smaller: the patch matrix
+  assert lowering.static_choice(1) == "im2col_matmul"
 
 
 def test_input_dilation_and_nchw_stay_on_xla():

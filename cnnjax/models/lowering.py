@@ -1,31 +1,50 @@
-"""How convolutions and max pooling are lowered: XLA's own ops or faster equivalents.
+"""How convolutions and max pooling are lowered: XLA's own ops, or on CPU faster equivalents.
+
+Every model builds its convolutions with `Conv` and pools with `max_pool`.
+Both choose their lowering for the platform the computation is compiled for,
+not the process's default backend: the choice is a `lax.platform_dependent`,
+resolved when the computation is lowered, so a CPU process that exports or
+jits for a GPU or TPU gets that platform's branch.
+
+On GPU and TPU (and whenever `use("xla")` is active) they are
+`lax.conv_general_dilated` and `flax.linen.max_pool` themselves: cuDNN and the
+TPU compiler are built around those ops, and no measurement on an accelerator
+has shown anything faster (see BENCHMARKS.md for the GPU numbers, when a GPU
+was at hand).
 
 XLA:CPU is slow in cases CNNs hit constantly: depthwise convolutions, 3x3
 convolutions over tiny maps (a 2x2 map runs 20-80x below the machine's matmul
 rate), and its max-pool gradient (select-and-scatter, ~13x slower than the
-forward pass). Every model builds its convolutions with `Conv`, whose
-`conv_general_dilated` computes what `lax.conv_general_dilated` computes,
-lowered per call from static shapes:
+forward pass). On CPU, `conv_general_dilated` computes what
+`lax.conv_general_dilated` computes, lowered per call from static shapes:
 - "pointwise": a 1x1 convolution is one 2-D matmul over (batch*positions,
   channels); a strided one takes the strided positions first;
-- "im2col": a kxk convolution with at most `IM2COL_MAX_POSITIONS` output
-  positions. Its backward pass gathers the k*k shifted (strided) views of the
-  padded input into one (positions, k*k*in) patch matrix: the filter gradient
-  is one matmul with it, the input gradient a matmul scattered back through the
-  views. The forward pass is XLA's convolution on 4x4 outputs and the patch
-  matrix times the kernel on smaller ones;
+- "im2col" / "im2col_matmul": a kxk convolution whose backward pass gathers
+  the k*k shifted (strided) views of the padded input into one (positions,
+  k*k*in) patch matrix: the filter gradient is one matmul with it, the input
+  gradient a matmul scattered back through the views. The forward pass is
+  XLA's convolution ("im2col") or the patch matrix times the kernel
+  ("im2col_matmul");
 - "shift_add": a depthwise convolution (one input channel per group) is the
   sum over the k*k window offsets of shifted views times a per-channel weight,
   elementwise work XLA fuses into one loop, with a hand-written backward pass
   (see `_depthwise`);
-- "xla": `lax.conv_general_dilated` itself, for everything else (kxk
-  convolutions over larger maps, grouped convolutions, input dilation, non-NHWC
-  layouts) and whenever `use("xla")` is active.
+- "xla": `lax.conv_general_dilated` itself, for everything else (grouped
+  convolutions, input dilation, non-NHWC layouts).
 
-The choices were measured under `CPU_COMPILER_OPTIONS`, which keep XLA:CPU's
-own convolutions instead of the YNNPACK library's (2x faster here); cnnjax's
-steps compile with `compiler_options(platform)`, and code that jits a model
-itself should pass them too.
+Which of "xla", "im2col" and "im2col_matmul" a kxk convolution gets depends on
+the CPU, so it is measured on the machine at hand, once per layer shape, and
+kept in a table keyed by the CPU (`cnnjax.models.tuning`); without a
+measurement (tuning off, a pinned table without the shape, a non-CPU process)
+the static heuristic `static_choice` applies, tuned on a 2-core machine with a
+67 GFLOP/s matmul peak: im2col up to `IM2COL_MAX_POSITIONS` output positions,
+with the patch matrix's forward pass up to 4.
+
+XLA:CPU hands convolutions to the YNNPACK library by default; where XLA's own
+are faster (also decided by measurement, `convolution_library`),
+`compiler_options("cpu")` keeps them with XLA. cnnjax's steps compile with
+those options, and `cnnjax.xla_cpu` sets the same for the whole process, so a
+plain `jax.jit` of a model runs the same program.
 
 `max_pool` takes the maximum over the window's shifted views; its gradient
 goes to the first maximal element of each window in row-major order, the
@@ -33,29 +52,38 @@ element XLA's select-and-scatter picks, so ties (common after a ReLU) are
 broken identically.
 
 The mode is read at trace time from a context variable, so `with use("xla"):`
-traces the reference computation. `cnnjax.analysis` traces that way, so FLOP
-counts and receptive fields see one convolution primitive (and pooling
-window) per layer whatever lowering runs.
+traces the reference computation on every platform. `cnnjax.analysis` traces
+that way, so FLOP counts and receptive fields see one convolution primitive
+(and pooling window) per layer whatever lowering runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from jax import lax
 
-MODES = ("auto", "xla")
+from cnnjax.models import tuning
 
-# kxk convolutions with at most this many output positions run as im2col; above
-# it XLA's own convolution (and its autodiff) is as fast or faster (see `choose`).
+MODES = ("auto", "xla")
+# What `compiler_options` takes: JAX's device platforms and the export platforms.
+PLATFORMS = ("cpu", "gpu", "cuda", "rocm", "tpu")
+
+# The static heuristic (`static_choice`): kxk convolutions with at most this many
+# output positions run as im2col; above it XLA's own convolution (and its autodiff)
+# was as fast or faster on the machine it was measured on.
 IM2COL_MAX_POSITIONS = 16
+# ... and with at most this many, the patch matrix also computes the forward pass:
+# on 4x4 outputs XLA's convolution was faster (4.7 against 7.6 ms, 16x4x4x256 3x3),
+# on 2x2 and 1x1 outputs 3-27x slower.
+PATCH_FORWARD_MAX_POSITIONS = 4
 
 # XLA:CPU compiler options the lowering's choices were measured under. By default
 # XLA:CPU hands convolutions, and dots with the elementwise work around them, to
@@ -67,7 +95,9 @@ CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type":
         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
-_MODE = contextvars.ContextVar("cnnjax_lowering", default="auto")
+# A JAX user context, not a plain context variable: it is part of jit's cache keys, so
+# the same jitted function traced under another mode is traced again, not reused.
+_MODE = jax.make_user_context("auto")
 
 
 @contextlib.contextmanager
@@ -75,24 +105,59 @@ def use(mode: str) -> Iterator[None]:
   """Within the block, `Conv` and `max_pool` trace with `mode` ("auto" or "xla")."""
   if mode not in MODES:
     raise ValueError(f"unknown convolution lowering {mode!r}; choose one of {MODES}")
-  token = _MODE.set(mode)
-  try:
+  with _MODE(mode):
     yield
-  finally:
-    _MODE.reset(token)
 
 
 def current_mode() -> str:
-  return _MODE.get()
+  return _MODE.value
 
 
 def compiler_options(platform: str) -> dict:
   """The options to compile cnnjax computations with on `platform` ("cpu", "gpu", ...).
 
-  Pass them to `jax.jit(..., compiler_options=...)` or `.compile(compiler_options=...)`;
-  cnnjax's own train and eval steps do.
+  cnnjax's own train and eval steps pass them. On CPU they keep convolutions
+  with XLA unless this machine measured YNNPACK's faster (`convolution_library`).
   """
-  return dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else {}
+  if platform not in PLATFORMS:
+    raise ValueError(f"unknown platform {platform!r}; choose one of {PLATFORMS}")
+  if platform != "cpu":
+    return {}
+  return dict(CPU_COMPILER_OPTIONS) if convolution_library() == "xla" else {}
+
+
+# 3x3 stride-1 convolutions of ResNet's and DenseNet's middle stages at batch 16: where
+# the two libraries differ most (XLA's own filter gradient was 2.4x faster on one machine).
+_LIBRARY_PROBES = (((16, 32, 32, 64), (3, 3, 64, 64)), ((16, 16, 16, 128), (3, 3, 128, 128)),
+                   ((16, 8, 8, 256), (3, 3, 256, 256)))
+
+
+def convolution_library() -> str:
+  """Who runs XLA:CPU's convolutions on this machine, "xla" or "ynnpack" (measured once)."""
+  def probes(options):
+    def prepare():
+      runs = [_compiled_gradient(functools.partial(
+          lax.conv_general_dilated, window_strides=(1, 1), padding="SAME",
+          dimension_numbers=("NHWC", "HWIO", "NHWC")), lhs, rhs, jnp.float32, options)
+          for lhs, rhs in _LIBRARY_PROBES]
+      return lambda: [run() for run in runs]
+    return prepare
+
+  return tuning.decide("convolution_library",
+                       lambda: {"xla": probes(CPU_COMPILER_OPTIONS), "ynnpack": probes({})},
+                       static="xla")
+
+
+def _compiled_gradient(conv, lhs_shape, rhs_shape, dtype, options):
+  """A run of the compiled gradient of `conv` (both arguments) on random data."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(lhs_shape), dtype)
+  w = jnp.asarray(rng.standard_normal(rhs_shape) / np.sqrt(np.prod(rhs_shape[:3])), dtype)
+  out = jax.eval_shape(conv, x, w)
+  cotangent = jnp.asarray(rng.standard_normal(out.shape), out.dtype)
+  grad = jax.jit(jax.grad(lambda x, w: jnp.vdot(conv(x, w), cotangent).real, (0, 1)))
+  compiled = grad.lower(x, w).compile(compiler_options=options)
+  return lambda: jax.block_until_ready(compiled(x, w))
 
 
 def _explicit_padding(padding, in_spatial, kernel, strides, dilation) -> list[tuple[int, int]]:
@@ -103,9 +168,10 @@ def _explicit_padding(padding, in_spatial, kernel, strides, dilation) -> list[tu
 
 
 def choose(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation, rhs_dilation,
-           dimension_numbers, feature_group_count: int, batch_group_count: int) -> str:
-  """The lowering `conv_general_dilated` uses for these static arguments."""
-  if _MODE.get() == "xla":
+           dimension_numbers, feature_group_count: int, batch_group_count: int,
+           dtype="float32") -> str:
+  """The lowering `conv_general_dilated` uses on CPU for these static arguments."""
+  if _MODE.value == "xla":
     return "xla"
   nhwc = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
   if (len(lhs_shape) != 4 or batch_group_count != 1
@@ -119,14 +185,38 @@ def choose(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation, rhs_dila
       return "pointwise"
     strides, dilation = tuple(window_strides), tuple(rhs_dilation or (1, 1))
     pads = _explicit_padding(padding, lhs_shape[1:3], (kh, kw), strides, dilation)
-    padded = (lhs_shape[0], *(lhs_shape[1 + a] + sum(pads[a]) for a in range(2)), in_features)
-    out_h, out_w = _out_spatial(padded, (kh, kw), strides, dilation)
-    return "im2col" if out_h * out_w <= IM2COL_MAX_POSITIONS else "xla"
+    return _tuned_dense_choice(tuple(lhs_shape), tuple(rhs_shape), strides, dilation,
+                               tuple(map(tuple, pads)), np.dtype(dtype).name)
   if feature_group_count == in_features == rhs_shape[3] and in_per_group == 1:
     return "shift_add"
   return "xla"
 
 
+DENSE_METHODS = ("xla", "im2col", "im2col_matmul")
+
+
+def static_choice(out_positions: int) -> str:
+  """The kxk lowering without a measurement, by the number of output positions."""
+  if out_positions > IM2COL_MAX_POSITIONS:
+    return "xla"
+  return "im2col" if out_positions > PATCH_FORWARD_MAX_POSITIONS else "im2col_matmul"
+
+
+def _tuned_dense_choice(lhs_shape, rhs_shape, strides, dilation, pads, dtype) -> str:
+  padded = (lhs_shape[0], *(lhs_shape[1 + a] + sum(pads[a]) for a in range(2)), lhs_shape[3])
+  out_h, out_w = _out_spatial(padded, rhs_shape[:2], strides, dilation)
+  name = (f"conv {'x'.join(map(str, lhs_shape))} kernel {'x'.join(map(str, rhs_shape))} "
+          f"stride {strides} dilation {dilation} pads {pads} {dtype}")
+
+  def candidates():
+    def prepare(method):
+      conv = functools.partial(_conv_by, method, strides=strides, dilation=dilation,
+                               pads=pads, precision=None, dtype=None)
+      return lambda: _compiled_gradient(conv, lhs_shape, rhs_shape, dtype,
+                                        compiler_options("cpu"))
+    return {method: prepare(method) for method in DENSE_METHODS}
+
+  return tuning.decide(name, candidates, static=static_choice(out_h * out_w))
 def _pad_spatial(x, pads, value):
   """NHWC `x` padded on H and W with `value` (negative padding crops, as in convolutions)."""
   if all(tuple(p) == (0, 0) for p in pads):
@@ -156,22 +246,35 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
                          rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
                          batch_group_count: int = 1, precision=None,
                          preferred_element_type=None) -> jax.Array:
-  """`lax.conv_general_dilated` with the same signature, lowered as `choose` says."""
+  """`lax.conv_general_dilated` with the same signature: on CPU lowered as `choose` says."""
+  reference = functools.partial(
+      lax.conv_general_dilated, window_strides=window_strides, padding=padding,
+      lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+      precision=precision, preferred_element_type=preferred_element_type)
   method = choose(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
-                  dimension_numbers, feature_group_count, batch_group_count)
+                  dimension_numbers, feature_group_count, batch_group_count,
+                  jnp.result_type(lhs, rhs))
   if method == "xla":
-    return lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-        batch_group_count=batch_group_count, precision=precision,
-        preferred_element_type=preferred_element_type)
+    return reference(lhs, rhs)
+  kh, kw = rhs.shape[:2]
+  strides, dilation = tuple(window_strides), tuple(rhs_dilation or (1, 1))
+  pads = tuple(map(tuple, _explicit_padding(padding, lhs.shape[1:3], (kh, kw), strides,
+                                            dilation)))
+  cpu = functools.partial(_conv_by, method, strides=strides, dilation=dilation, pads=pads,
+                          precision=precision, dtype=preferred_element_type)
+  return lax.platform_dependent(lhs, rhs, cpu=cpu, default=reference)
+
+
+def _conv_by(method: str, lhs, rhs, *, strides, dilation, pads, precision, dtype) -> jax.Array:
+  """An NHWC/HWIO convolution with explicit padding, computed by `method` (see `choose`)."""
   kh, kw, in_per_group, out_features = rhs.shape
-  strides = tuple(window_strides)
-  dilation = tuple(rhs_dilation or (1, 1))
-  pads = _explicit_padding(padding, lhs.shape[1:3], (kh, kw), strides, dilation)
-  dtype = preferred_element_type
+  if method == "xla":
+    return lax.conv_general_dilated(lhs, rhs, strides, pads, rhs_dilation=dilation,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=precision, preferred_element_type=dtype)
   if method == "shift_add":
-    out = _depthwise(lhs, rhs, _DepthwiseGeometry(strides, dilation, tuple(map(tuple, pads))))
+    out = _depthwise(lhs, rhs, _DepthwiseGeometry(strides, dilation, pads))
     return out if dtype is None else out.astype(dtype)
   padded = _pad_spatial(lhs, pads, 0)
   out_spatial = _out_spatial(padded.shape, (kh, kw), strides, dilation)
@@ -179,7 +282,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
     columns = _windows(padded, (1, 1), strides, dilation, out_spatial)[0]
     return _matmul(columns, rhs.reshape(in_per_group, out_features), precision, dtype)
   geometry = _Geometry((kh, kw), strides, dilation, out_spatial, precision,
-                       _xla_forward(out_spatial))
+                       xla_forward=method == "im2col")
   out = _dense_conv(padded, rhs, geometry)
   return out if dtype is None else out.astype(dtype)
 
@@ -275,15 +378,6 @@ class _Geometry(NamedTuple):
   xla_forward: bool
 
 
-def _xla_forward(out_spatial) -> bool:
-  """Whether XLA's convolution beats the patch matrix for an im2col layer's forward pass.
-
-  Measured on CPU: on 4x4 outputs XLA's is faster (4.7 against 7.6 ms, 16x4x4x256
-  3x3); on 2x2 and 1x1 outputs it is 3-27x slower.
-  """
-  return out_spatial[0] * out_spatial[1] > 4
-
-
 def _matmul(rows, matrix, precision, dtype=None):
   """(N, H, W, K) times (K, O): one 2-D matmul over the flattened positions.
 
@@ -371,10 +465,16 @@ def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int],
              padding: Sequence[tuple[int, int]]) -> jax.Array:
   """`flax.linen.max_pool` on NHWC with explicit (-inf) padding, lowered as the mode says."""
   window, strides, padding = tuple(window), tuple(strides), [tuple(p) for p in padding]
-  if _MODE.get() == "xla" or x.ndim != 4:
-    return nn.max_pool(x, window, strides, padding=padding)
-  padded = _pad_spatial(x, padding, -jnp.inf)
-  return _max_pool(padded, window, strides, _out_spatial(padded.shape, window, strides, (1, 1)))
+  reference = functools.partial(nn.max_pool, window_shape=window, strides=strides,
+                                padding=padding)
+  if _MODE.value == "xla" or x.ndim != 4:
+    return reference(x)
+
+  def cpu(x):
+    padded = _pad_spatial(x, padding, -jnp.inf)
+    return _max_pool(padded, window, strides, _out_spatial(padded.shape, window, strides, (1, 1)))
+
+  return lax.platform_dependent(x, cpu=cpu, default=reference)
 
 
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)

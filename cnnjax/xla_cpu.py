@@ -1,0 +1,119 @@
+"""The one process-wide setting cnnjax makes: XLA:CPU keeps convolutions with XLA.
+
+Why. A plain `jax.jit` of a model compiles with XLA's default options, and by
+default XLA:CPU hands convolutions to the YNNPACK library, whose filter
+gradients measured 2-2.4x slower than XLA's own here (a ResNet-18 training
+step 12-25% slower than cnnjax's own). Compiler options are per compile, so
+cnnjax's steps pass `lowering.compiler_options("cpu")`; the only way to give
+a user's own `jax.jit` the same is the `XLA_FLAGS` variable, which XLA reads
+once, when JAX's backends start.
+
+What. `import cnnjax` calls `apply()`, which appends `FLAG` to `XLA_FLAGS`:
+XLA's default list of YNNPACK fusions (dots, reductions, convolutions) less
+convolutions. A program without convolutions compiles exactly as before
+(tests/test_xla_cpu.py compares the compiled programs), so other JAX code in
+the process is untouched, and a program with convolutions is compiled exactly
+as cnnjax's own steps compile it. It is applied only when all of these hold,
+and `state()` says which did not:
+- JAX's backends have not started (otherwise a warning names the fix:
+  import cnnjax before the first computation, or set `XLA_FLAGS` yourself);
+- `CNNJAX_XLA_FLAGS` is not `0` (the opt-out);
+- `XLA_FLAGS` does not already set that option (the user's choice stands);
+- no accelerator plugin (CUDA, ROCm, TPU) is installed: such a process runs
+  its models on the accelerator, and a flag unknown to its jaxlib would stop it;
+- this machine's tuning table has not measured YNNPACK's convolutions faster
+  (`lowering.convolution_library`).
+
+`restore()` puts `XLA_FLAGS` back as it was: it takes effect for backends not
+yet started and for child processes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pkgutil
+import warnings
+
+ENV_OPT_OUT = "CNNJAX_XLA_FLAGS"
+OPTION = "xla_cpu_experimental_ynn_fusion_type"
+FLAG = f"--{OPTION}=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+
+_state = {"state": "not applied yet", "previous": None}
+
+
+def state() -> str:
+  """What `apply` did: "applied", or why not."""
+  return _state["state"]
+
+
+def _backends_started() -> bool:
+  try:
+    from jax._src import xla_bridge  # noqa: PLC0415
+    return xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):  # a JAX without it: assume the worst, touch nothing
+    return True
+
+
+def _accelerator_plugins() -> list[str]:
+  plugins = []
+  if importlib.util.find_spec("jax_plugins") is not None:
+    import jax_plugins  # noqa: PLC0415
+
+    plugins = [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
+  if importlib.util.find_spec("libtpu") is not None:
+    plugins.append("libtpu")
+  return plugins
+
+
+def apply() -> str:
+  """Appends `FLAG` to `XLA_FLAGS` where the module docstring's conditions hold; the state."""
+  if _state["state"] == "applied":
+    return state()
+  flags = os.environ.get("XLA_FLAGS", "")
+  if os.environ.get(ENV_OPT_OUT, "").strip().lower() in ("0", "off", "false", "no"):
+    reason = f"opted out ({ENV_OPT_OUT}={os.environ[ENV_OPT_OUT]})"
+  elif OPTION in flags:
+    reason = "XLA_FLAGS already sets it"
+  elif plugins := _accelerator_plugins():
+    reason = f"accelerator plugins installed ({', '.join(plugins)})"
+  elif _measured_ynnpack_faster():
+    reason = "this machine measured YNNPACK's convolutions faster"
+  elif _backends_started():
+    reason = "JAX's backends had started"
+    import jax  # noqa: PLC0415
+
+    if jax.default_backend() == "cpu":
+      warnings.warn(
+          "JAX's backends started before cnnjax was imported, so a plain jax.jit of a cnnjax "
+          "model hands its convolutions to YNNPACK (slower training steps on CPU; cnnjax's own "
+          f"steps are unaffected). Import cnnjax before the first JAX computation, or start "
+          f"Python with XLA_FLAGS='{FLAG}'. {ENV_OPT_OUT}=0 silences this.", stacklevel=3)
+  else:
+    _state["previous"] = flags
+    os.environ["XLA_FLAGS"] = f"{flags} {FLAG}".strip()
+    reason = "applied"
+  _state["state"] = reason
+  return reason
+
+
+def restore() -> None:
+  """Puts `XLA_FLAGS` back as it was before `apply` (for backends not yet started, children)."""
+  if _state["state"] != "applied":
+    return
+  previous = _state["previous"]
+  if previous:
+    os.environ["XLA_FLAGS"] = previous
+  else:
+    os.environ.pop("XLA_FLAGS", None)
+  _state.update(state="restored", previous=None)
+
+
+def _measured_ynnpack_faster() -> bool:
+  from cnnjax.models import tuning  # noqa: PLC0415
+
+  try:
+    return tuning.lookup("convolution_library") == "ynnpack"
+  except Exception as error:  # noqa: BLE001 - a table problem never stops an import
+    warnings.warn(f"cnnjax: the tuning table could not be read ({error})", stacklevel=3)
+    return False
