@@ -131,7 +131,7 @@ class _Table:
       if payload.get("format") != FORMAT or not isinstance(payload.get("entries"), dict):
         raise ValueError(f"not a format-{FORMAT} tuning table")
       return dict(payload["entries"])
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
       if not missing_ok:
         warnings.warn(f"cnnjax tuning table {self.path} does not exist; the static "
                       f"heuristics apply (set {ENV_MODE}=measure to measure)", stacklevel=4)
@@ -151,7 +151,7 @@ class _Table:
     from cnnjax import fileio  # noqa: PLC0415
 
     try:
-      on_disk = self._read(missing_ok=True) if self.path.exists() else {}
+      on_disk = self._read(missing_ok=True)
       if not self.writable:  # it became unreadable since: leave it alone
         return
       # Another process may have decided meanwhile: its entries stand.
@@ -212,16 +212,21 @@ def decide(name: str, candidates: Callable[[], Mapping[str, Candidate]], static:
 
 
 def measure(candidates: Mapping[str, Candidate], rounds: int = ROUNDS) -> dict[str, float]:
-  """Median seconds of each candidate's run, timed in alternation after one warm-up each."""
-  runs = {name: prepare() for name, prepare in candidates.items()}
-  for run in runs.values():
-    run()
-  times = {name: [] for name in runs}
-  for _ in range(rounds):
-    for name, run in runs.items():
-      start = time.perf_counter()
+  """Median seconds of each candidate's run, timed in alternation after one warm-up each.
+
+  Choices are made while a model is traced, so the candidates' data and runs are
+  evaluated eagerly (`ensure_compile_time_eval`), not staged into that trace.
+  """
+  with jax.ensure_compile_time_eval():
+    runs = {name: prepare() for name, prepare in candidates.items()}
+    for run in runs.values():
       run()
-      times[name].append(time.perf_counter() - start)
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+      for name, run in runs.items():
+        start = time.perf_counter()
+        run()
+        times[name].append(time.perf_counter() - start)
   return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -46,7 +46,7 @@ from jax.experimental import serialize_executable
 from jax.experimental.compilation_cache import compilation_cache
 
 from cnnjax import fileio
-from cnnjax.models import lowering
+from cnnjax.models import lowering, tuning
 
 log = logging.getLogger("cnnjax.train")
 
@@ -100,6 +100,7 @@ def key_material(args: tuple, description: Any, compiler_options: dict) -> dict[
       "leaves": [_abstract(leaf) for leaf in leaves],
       "compiler_options": {k: str(v) for k, v in sorted(compiler_options.items())},
       "lowering": lowering.current_mode(),
+      "tuning": tuning.describe(),
       "jax_config": config,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "versions": _versions(),

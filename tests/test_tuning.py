@@ -1,0 +1,163 @@
+"""The per-CPU tuning table: measured once, reused, pinned or off, and robust to bad files."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import jax
+import pytest
+
+from cnnjax.models import lowering, tuning
+from cnnjax.train import step_cache
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+# A 3x3 convolution on a 4x4 map: 16 output positions, statically "im2col".
+SHAPE = ((2, 4, 4, 8), (3, 3, 8, 16), (1, 1), "SAME", None, None, NHWC, 1, 1)
+
+
+@pytest.fixture
+def table_dir(tmp_path, monkeypatch):
+  monkeypatch.setenv(tuning.ENV_DIR, str(tmp_path))
+  monkeypatch.setenv(tuning.ENV_MODE, "measure")
+  tuning.forget_tables()
+  yield tmp_path
+  tuning.forget_tables()
+
+
+def _fake_times(monkeypatch, seconds: dict[str, float]):
+  calls = []
+
+  def measure(candidates, rounds=tuning.ROUNDS):
+    calls.append(sorted(candidates))
+    return {name: seconds[name] for name in candidates}
+  monkeypatch.setattr(tuning, "measure", measure)
+  return calls
+
+
+def _entries(path):
+  return json.loads(path.read_text())["entries"]
+
+
+def test_a_real_measurement_times_every_lowering_and_is_stored(table_dir):
+  assert lowering.choose(*SHAPE) in lowering.DENSE_METHODS
+  path = tuning.table_path()
+  assert path.parent == table_dir
+  payload = json.loads(path.read_text())
+  assert payload["cpu"] == tuning.cpu_description()
+  (entry,) = [e for name, e in payload["entries"].items() if name.startswith("conv ")]
+  assert set(entry["ms"]) == set(lowering.DENSE_METHODS)
+  assert all(ms > 0 for ms in entry["ms"].values())
+  assert entry["static"] == "im2col"
+
+
+def test_the_fastest_wins_only_by_more_than_the_margin_and_is_then_fixed(table_dir, monkeypatch):
+  calls = _fake_times(monkeypatch, {"xla": 0.90, "im2col": 1.0, "im2col_matmul": 2.0})
+  assert lowering.choose(*SHAPE) == "xla"            # 10% faster than the heuristic's choice
+  assert len(calls) == 1
+  tuning.forget_tables()
+  _fake_times(monkeypatch, {"xla": 5.0, "im2col": 1.0, "im2col_matmul": 1.0})
+  assert lowering.choose(*SHAPE) == "xla"            # decided: read back, never re-measured
+  other = ((2, 4, 4, 8), (3, 3, 8, 24), *SHAPE[2:])
+  _fake_times(monkeypatch, {"xla": 0.97, "im2col": 1.0, "im2col_matmul": 1.5})
+  assert lowering.choose(*other) == "im2col"         # 3% is noise: the heuristic stays
+  assert len(_entries(tuning.table_path())) == 2
+
+
+def test_off_and_pinned_tables_measure_nothing(table_dir, monkeypatch, tmp_path):
+  _fake_times(monkeypatch, {"xla": 2.0, "im2col": 1.0, "im2col_matmul": 2.0})
+  lowering.choose(*SHAPE)  # one measured entry, to copy into a pinned table
+  (name,) = _entries(tuning.table_path())
+  calls = _fake_times(monkeypatch, {"xla": 0.1, "im2col": 1.0, "im2col_matmul": 1.0})
+  with tuning.use("off"):
+    assert lowering.choose(*SHAPE) == "im2col"
+  pinned = tmp_path / "pinned.json"
+  pinned.write_text(json.dumps({"format": tuning.FORMAT, "entries": {
+      name: {"choice": "im2col_matmul"}}}))
+  before = pinned.read_bytes()
+  with tuning.use(pinned):
+    assert lowering.choose(*SHAPE) == "im2col_matmul"
+    other = ((2, 4, 4, 8), (3, 3, 8, 24), *SHAPE[2:])
+    assert lowering.choose(*other) == "im2col"       # not in the pinned table: the heuristic
+  assert pinned.read_bytes() == before
+  assert calls == []
+
+
+def test_a_corrupt_table_is_measured_again_in_memory_and_left_alone(table_dir, monkeypatch):
+  path = tuning.table_path()
+  path.write_text("{not json")
+  _fake_times(monkeypatch, {"xla": 0.5, "im2col": 1.0, "im2col_matmul": 2.0})
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    assert lowering.choose(*SHAPE) == "xla"
+    assert lowering.choose(*SHAPE) == "xla"          # kept in memory
+  assert len(caught) == 1 and "unreadable" in str(caught[0].message)
+  assert path.read_text() == "{not json"
+
+
+def test_an_unwritable_table_keeps_its_measurements_in_memory(table_dir, monkeypatch):
+  blocker = table_dir / "blocked"
+  blocker.write_text("a user's file")
+  monkeypatch.setenv(tuning.ENV_DIR, str(blocker / "tuning"))  # a file where a folder must be
+  tuning.forget_tables()
+  calls = _fake_times(monkeypatch, {"xla": 0.5, "im2col": 1.0, "im2col_matmul": 2.0})
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    assert lowering.choose(*SHAPE) == "xla"
+    assert lowering.choose(*SHAPE) == "xla"
+  assert len(caught) == 1 and "cannot be written" in str(caught[0].message)
+  assert len(calls) == 1
+  assert blocker.read_text() == "a user's file"
+
+
+def test_a_non_cpu_process_uses_the_heuristics(table_dir, monkeypatch):
+  calls = _fake_times(monkeypatch, {"xla": 0.1, "im2col": 1.0, "im2col_matmul": 1.0})
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert lowering.choose(*SHAPE) == "im2col"
+  assert calls == [] and not tuning.table_path().exists()
+
+
+def test_bad_modes_name_the_valid_ones(monkeypatch):
+  with pytest.raises(ValueError, match=r"unknown tuning mode 'fast'.*'measure', 'off'"):
+    with tuning.use("fast"):
+      pass
+  monkeypatch.setenv(tuning.ENV_MODE, "1")
+  with pytest.raises(ValueError, match=r"unknown tuning mode '1'"):
+    tuning.current_mode()
+
+
+def test_the_convolution_library_is_decided_per_machine(table_dir, monkeypatch):
+  _fake_times(monkeypatch, {"xla": 2.0, "ynnpack": 1.0})
+  assert lowering.convolution_library() == "ynnpack"
+  assert lowering.compiler_options("cpu") == {}        # XLA's default: YNNPACK's convolutions
+  from cnnjax import xla_cpu
+
+  assert xla_cpu._measured_ynnpack_faster()            # the process flag then stays off
+  tuning.forget_tables()
+  with tuning.use("off"):
+    assert lowering.compiler_options("cpu") == lowering.CPU_COMPILER_OPTIONS
+
+
+def test_a_model_traces_the_recorded_choices(table_dir, monkeypatch):
+  import cnnjax
+
+  model = cnnjax.create_model("resnet18", num_classes=3)
+  images = jax.ShapeDtypeStruct((1, 32, 32, 3), jax.numpy.float32)
+  with tuning.use("off"):
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+
+  def convolutions(platform="cpu"):
+    module = jax.export.export(jax.jit(lambda v, x: model.apply(v, x)),
+                               platforms=[platform])(variables, images).mlir_module()
+    return module.count("stablehlo.convolution")
+
+  with tuning.use("off"):
+    static = convolutions()
+  _fake_times(monkeypatch, {"xla": 0.1, "im2col": 1.0, "im2col_matmul": 1.0})
+  tuned = convolutions()              # every kxk layer measured XLA's convolution faster
+  assert tuned > static
+  assert all(e["choice"] == "xla" for e in _entries(tuning.table_path()).values())
+  # The step cache keys on the tuning mode in force.
+  with tuning.use("off"):
+    off_key = step_cache.key_material((), "d", {})["tuning"]
+  assert off_key != step_cache.key_material((), "d", {})["tuning"]
