@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test run bench clean
+.PHONY: install test run bench bench-accelerator clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.train_step $(ARGS)
+
+# On a machine with an accelerator, jax's plugin for it and PyTorch (see BENCHMARKS.md).
+bench-accelerator: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.accelerator $(ARGS)
 
 clean:
 	rm -rf $(VENV) .jax_cache .pytest_cache

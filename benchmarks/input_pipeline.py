@@ -33,11 +33,13 @@ def _source(data_dir: pathlib.Path, resolution: int, count: int):
   return builder.as_data_source(split="train")
 
 
-def pipeline_rate(source, size: int, batch: int, threads: int, batches: int) -> float:
+def pipeline_rate(source, size: int, batch: int, threads: int, batches: int,
+                  workers: int = 0) -> float:
   pre = data.Preprocessing(image_size=size, train_crop="random_resized", flip=True,
                            rand_augment=(2, 9.0))
   stream = data.TrainBatches(source, pre, batch, seed=0)
-  iterator = data.train_iterator(stream, num_steps=batches + 2, num_threads=threads, prefetch=4)
+  iterator = data.train_iterator(stream, num_steps=batches + 2, num_workers=workers,
+                                 num_threads=threads, prefetch=4)
   next(iterator)  # start-up
   start = time.perf_counter()
   for batch_ in itertools.islice(iterator, batches):

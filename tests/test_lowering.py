@@ -157,11 +157,12 @@ def test_cpu_compiler_options_keep_convolutions_with_xla_and_the_steps_use_them(
   w = jnp.ones((3, 3, 16, 32))
   conv = jax.jit(lambda x, w: lax.conv_general_dilated(jnp.maximum(x, 0), w, (1, 1), "SAME",
                                                        dimension_numbers=NHWC))
-  default = conv.lower(x, w).compile().as_text()
+  # That XLA's defaults give this convolution to YNNPACK, and that `import cnnjax`
+  # changes it for the process, is tests/test_xla_cpu.py's (it needs fresh processes).
   ours = conv.lower(x, w).compile(compiler_options=lowering.compiler_options("cpu")).as_text()
-  assert _fused_convolutions(default) == 1   # the option is needed ...
-  assert _fused_convolutions(ours) == 0      # ... and takes effect
+  assert _fused_convolutions(ours) == 0
   assert " convolution(" in ours
+  assert lowering.compiler_options("cpu") == lowering.CPU_COMPILER_OPTIONS  # tuning is off here
   assert steps.compiler_options(steps.make_mesh(jax.devices("cpu"))) == \
       lowering.CPU_COMPILER_OPTIONS
   assert lowering.compiler_options("gpu") == {}

@@ -110,9 +110,13 @@ def test_an_unwritable_table_keeps_its_measurements_in_memory(table_dir, monkeyp
   assert blocker.read_text() == "a user's file"
 
 
-def test_a_non_cpu_process_uses_the_heuristics(table_dir, monkeypatch):
+@pytest.mark.parametrize("why", ["a GPU process", "one of several processes"])
+def test_gpu_and_multi_process_runs_use_the_heuristics(table_dir, monkeypatch, why):
   calls = _fake_times(monkeypatch, {"xla": 0.1, "im2col": 1.0, "im2col_matmul": 1.0})
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  if why == "a GPU process":
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  else:
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
   assert lowering.choose(*SHAPE) == "im2col"
   assert calls == [] and not tuning.table_path().exists()
 

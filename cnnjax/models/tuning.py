@@ -24,7 +24,9 @@ per CPU: `<cpu model>-<hash of model, flags, cores, jaxlib>.json`. A corrupt
 table is left as it is and measured again in memory, and an unwritable one
 keeps its measurements in memory, each with one warning; the run goes on.
 Nothing is measured when the process's default backend is not a CPU (a GPU
-process that traces a model's CPU branch for export gets the heuristics).
+process that traces a model's CPU branch for export gets the heuristics), nor
+in a multi-process run, whose processes must trace identical programs: pin a
+table there.
 """
 
 from __future__ import annotations
@@ -201,7 +203,9 @@ def decide(name: str, candidates: Callable[[], Mapping[str, Candidate]], static:
   stored = lookup(name)
   if stored is not None:  # an entry this version does not know (edited by hand): the heuristic
     return stored if stored in candidates() else static
-  if table.pinned or jax.default_backend() != "cpu":
+  # Processes of one multi-process run must trace identical programs, and their
+  # measurements could differ: they take the heuristics unless given a pinned table.
+  if table.pinned or jax.default_backend() != "cpu" or jax.process_count() > 1:
     return static
   seconds = measure(candidates())
   fastest = min(seconds, key=seconds.get)
