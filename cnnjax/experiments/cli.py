@@ -60,6 +60,12 @@ def _define_flags(argv: list[str]) -> flags.FlagValues:
   flags.DEFINE_integer("trial", None, "run only this trial of a sweep", flag_values=values)
   flags.DEFINE_string("cache_dir", os.path.expanduser("~/.cache/cnnjax/jax-cache"),
                       "JAX persistent compilation cache ('' disables it)", flag_values=values)
+  flags.DEFINE_enum("launcher", "local", ["local", "ray"], "who runs a sweep's trials: this "
+                    "process in order, or a Ray cluster at once (config.trial_resources each)",
+                    flag_values=values)
+  flags.DEFINE_string("ray_address", None, "with --launcher=ray: 'auto' (the cluster this "
+                      "machine joined), host:port, or unset for a Ray started here",
+                      flag_values=values)
   flags.DEFINE_string("publish", None, "after the run, copy its report, tables and plots here "
                       "with the date, machine and command (never overwrites)", flag_values=values)
   values(argv)
@@ -107,8 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   print(f"experiment {config.name}{f' ({variant})' if variant else ''}: {config.description}")
   print(f"workdir {workdir}", flush=True)
+  from cnnjax import lease  # noqa: PLC0415
+  from cnnjax.experiments import launch  # noqa: PLC0415
+
   try:
-    outcome = kinds.run(config, workdir, values.trial, command.strip())
+    launcher = None
+    if values.launcher != "local" and values.trial is None:
+      launcher = launch.make(values.launcher, config.get("trial_resources", "CPU=1"),
+                             values.ray_address)
+      print(f"launcher {values.launcher}: {launcher.resources} per trial", flush=True)
+    outcome = kinds.run(config, workdir, values.trial, command.strip(), launcher)
+  except lease.WorkdirBusyError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
   except (ValueError, KeyError, FileNotFoundError) as error:
     # Bad settings, data or workdir: say what and stop; nothing was written over.
     print(f"error: {type(error).__name__}: {error}", file=sys.stderr)

@@ -7,6 +7,7 @@ index, runs (or resumes) its trials through `sweep`, and writes its results
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import pathlib
@@ -15,8 +16,8 @@ from collections.abc import Callable, Sequence
 
 import ml_collections
 
-from cnnjax import analysis, registry
-from cnnjax.experiments import reports, scaling
+from cnnjax import analysis, lease, registry
+from cnnjax.experiments import reports, scaling, sweep
 from cnnjax.experiments.sweep import (DONE, Trial, apply_overrides, run_sweep, summary_rows,
                                       trial_dir)
 from cnnjax.train.config import model_overrides
@@ -433,8 +434,15 @@ KINDS: dict[str, Callable] = {
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, trial: int | None = None,
-        command: str = "") -> dict:
+        command: str = "", launcher=None) -> dict:
+  """Runs experiment `config` in `workdir`: all of it under the workdir's lease, or one trial.
+
+  `launcher` runs the sweeps' trials (default: here, in order; see `launch`). A
+  `--trial K` run holds only that trial's lease, so several can share the workdir.
+  """
   if config.kind not in KINDS:
     raise ValueError(f"unknown experiment kind {config.kind!r}; one of {sorted(KINDS)}")
-  return KINDS[config.kind](config, pathlib.Path(workdir), trial, command)
-
+  workdir = pathlib.Path(workdir)
+  holding = lease.hold(workdir) if trial is None else contextlib.nullcontext()
+  with holding, sweep.launching(launcher):
+    return KINDS[config.kind](config, workdir, trial, command)

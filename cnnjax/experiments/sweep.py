@@ -7,10 +7,17 @@ its own config, checkpoints, metrics and `status.json`. Running a sweep again
 skips finished trials, resumes interrupted ones from their checkpoints (the
 training loop does that) and retries failed ones; a failure is recorded with
 its error and the sweep goes on.
+
+Each trial runs under its directory's lease (`cnnjax.lease`): a `--trial K`
+process and a sweep, or two sweeps, never write one trial at once. Who runs
+the trials is the launcher in force (`launching`): this process in order
+(`launch.Local`, the default) or a Ray cluster at once (`launch.RayLauncher`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import logging
@@ -22,12 +29,26 @@ from typing import Any
 
 import ml_collections
 
-from cnnjax import fileio
+from cnnjax import fileio, lease
+from cnnjax.experiments import launch
 from cnnjax.train.config import with_overrides as apply_overrides
 
 log = logging.getLogger("cnnjax.experiments")
 
 DONE, FAILED, RUNNING = "done", "failed", "running"
+ELSEWHERE = "running elsewhere"  # another process holds the trial's lease
+
+_LAUNCHER = contextvars.ContextVar("cnnjax_launcher", default=None)
+
+
+@contextlib.contextmanager
+def launching(launcher):
+  """Within the block, sweeps run their trials with `launcher` (default `launch.Local()`)."""
+  token = _LAUNCHER.set(launcher)
+  try:
+    yield
+  finally:
+    _LAUNCHER.reset(token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,50 +73,93 @@ def _write_status(directory: pathlib.Path, status: dict) -> None:
 
 def run_trial(base: ml_collections.ConfigDict, workdir: pathlib.Path, index: int, trial: Trial,
               measure=None) -> dict:
-  """Runs (or skips, when done) trial `index`; returns its status record.
+  """Runs (or skips, when done) trial `index` under its directory's lease; its status record.
 
   `measure(config)` adds static facts about the trial's model (parameters,
-  FLOPs) to the record; it runs before training so they exist even if training fails.
+  FLOPs) to the record; it runs before training so they exist even if training
+  fails. Another live process on the trial raises `lease.WorkdirBusyError`
+  before anything is written.
   """
   from cnnjax.train import train_and_evaluate  # noqa: PLC0415 - keeps `--list` light
 
   directory = trial_dir(workdir, index, trial)
-  status = read_status(directory)
-  if status is not None and status["status"] == DONE:
-    return status
-  record = {"index": index, "name": trial.name, "info": trial.info, "overrides": trial.overrides,
-            "status": RUNNING, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-  _write_status(directory, record)
-  start = time.perf_counter()
-  try:
-    config = apply_overrides(base, trial.overrides)
-    if measure is not None:
-      record["measured"] = measure(config)
-    result = train_and_evaluate(config, directory)
-  except Exception as error:  # noqa: BLE001 - a failing trial must not stop the sweep
-    record.update(status=FAILED, error=f"{type(error).__name__}: {error}",
-                  traceback=traceback.format_exc(), seconds=time.perf_counter() - start)
-    log.error("trial %d (%s) failed: %s", index, trial.name, record["error"])
-  else:
-    record.update(status=DONE, result=result, seconds=time.perf_counter() - start)
-  _write_status(directory, record)
-  return record
+  with lease.hold(directory):
+    status = read_status(directory)
+    if status is not None and status["status"] == DONE:
+      return status
+    record = {"index": index, "name": trial.name, "info": trial.info,
+              "overrides": trial.overrides, "status": RUNNING,
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "started_unix": time.time()}
+    _write_status(directory, record)
+    start = time.perf_counter()
+    try:
+      config = apply_overrides(base, trial.overrides)
+      if measure is not None:
+        record["measured"] = measure(config)
+      result = train_and_evaluate(config, directory)
+    except Exception as error:  # noqa: BLE001 - a failing trial must not stop the sweep
+      record.update(status=FAILED, error=f"{type(error).__name__}: {error}",
+                    traceback=traceback.format_exc(), seconds=time.perf_counter() - start)
+      log.error("trial %d (%s) failed: %s", index, trial.name, record["error"])
+    else:
+      record.update(status=DONE, result=result, seconds=time.perf_counter() - start)
+    _write_status(directory, record)
+    return record
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrialRunner:
+  """`run_trial` for one sweep, as a picklable callable of (index, trial) for any launcher."""
+  base: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  measure: Any = None
+
+  def __call__(self, index: int, trial: Trial) -> dict:
+    return run_trial(self.base, self.workdir, index, trial, self.measure)
+
+
+def _placeholder(index: int, trial: Trial, status: str) -> dict:
+  return {"index": index, "name": trial.name, "info": trial.info, "overrides": trial.overrides,
+          "status": status}
 
 
 def run_sweep(base: ml_collections.ConfigDict, workdir: pathlib.Path, trials: Sequence[Trial],
               only: int | None = None, measure=None, first_index: int = 0) -> list[dict]:
-  """Runs every trial (or just `only`), returns every trial's status record in order."""
-  records = []
+  """Runs every trial (or just `only`, here), returns every trial's status record in order."""
+  runner = _TrialRunner(base, workdir, measure)
+  records: dict[int, dict] = {}
+  jobs = []
   for offset, trial in enumerate(trials):
     index = first_index + offset
+    status = read_status(trial_dir(workdir, index, trial))
     if only is not None and index != only:
-      status = read_status(trial_dir(workdir, index, trial))
-      records.append(status or {"index": index, "name": trial.name, "info": trial.info,
-                                "overrides": trial.overrides, "status": "pending"})
-      continue
-    print(f"[trial {index}] {trial.name}", flush=True)
-    records.append(run_trial(base, workdir, index, trial, measure))
-  return records
+      records[index] = status or _placeholder(index, trial, "pending")
+    elif status is not None and status["status"] == DONE:
+      records[index] = status
+    else:
+      jobs.append((index, trial))
+  if only is not None:  # one trial, here; a busy one is the caller's error
+    for index, trial in jobs:
+      print(f"[trial {index}] {trial.name}", flush=True)
+      records[index] = runner(index, trial)
+  elif jobs:
+    launcher = _LAUNCHER.get() or launch.Local()
+    for (index, trial), record in zip(jobs, launcher.run(jobs, _ElsewhereTolerant(runner))):
+      records[index] = record
+  return [records[first_index + offset] for offset in range(len(trials))]
+
+
+@dataclasses.dataclass(frozen=True)
+class _ElsewhereTolerant:
+  """A sweep skips a trial that another process (a `--trial K` run) is training now."""
+  runner: _TrialRunner
+
+  def __call__(self, index: int, trial: Trial) -> dict:
+    try:
+      return self.runner(index, trial)
+    except lease.WorkdirBusyError as error:
+      log.warning("trial %d (%s) skipped: %s", index, trial.name, error)
+      return {**_placeholder(index, trial, ELSEWHERE), "error": str(error)}
 
 
 def summary_rows(records: Sequence[dict], columns: Sequence[str]) -> list[dict[str, Any]]:

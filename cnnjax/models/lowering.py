@@ -94,6 +94,12 @@ PATCH_FORWARD_MAX_POSITIONS = 4
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type":
         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+# XLA's own default, spelled out (this process's default may have been changed by
+# `cnnjax.xla_cpu`): YNNPACK runs convolutions too.
+YNNPACK_CONVOLUTION_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type":
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE,"
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
 
 # A JAX user context, not a plain context variable: it is part of jit's cache keys, so
 # the same jitted function traced under another mode is traced again, not reused.
@@ -123,7 +129,8 @@ def compiler_options(platform: str) -> dict:
     raise ValueError(f"unknown platform {platform!r}; choose one of {PLATFORMS}")
   if platform != "cpu":
     return {}
-  return dict(CPU_COMPILER_OPTIONS) if convolution_library() == "xla" else {}
+  return dict(CPU_COMPILER_OPTIONS if convolution_library() == "xla"
+              else YNNPACK_CONVOLUTION_OPTIONS)
 
 
 # 3x3 stride-1 convolutions of ResNet's and DenseNet's middle stages at batch 16: where
@@ -144,7 +151,8 @@ def convolution_library() -> str:
     return prepare
 
   return tuning.decide("convolution_library",
-                       lambda: {"xla": probes(CPU_COMPILER_OPTIONS), "ynnpack": probes({})},
+                       lambda: {"xla": probes(CPU_COMPILER_OPTIONS),
+                                "ynnpack": probes(YNNPACK_CONVOLUTION_OPTIONS)},
                        static="xla")
 
 

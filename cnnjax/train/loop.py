@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from cnnjax import registry
 from cnnjax import data as data_lib
 from cnnjax import fileio
+from cnnjax import lease as lease_lib
 from cnnjax.train import checkpoint as checkpoint_lib
 from cnnjax.train import config as config_lib
 from cnnjax.train import optim, step_cache, steps
@@ -302,11 +303,22 @@ def _all_finite(tree) -> jax.Array:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   """Trains `config.model` on `config.data.dataset`; returns the final evaluation metrics.
 
-  Resumes from `workdir` when it holds checkpoints of the same config.
+  Resumes from `workdir` when it holds checkpoints of the same config. The run
+  holds the workdir's lease (`cnnjax.lease`, process 0 of a multi-process run)
+  from before its first write: a second run on the same workdir is refused
+  with `WorkdirBusyError` and touches nothing.
   """
   config_lib.validate(config)
   initialize_distributed(config)
   workdir = pathlib.Path(workdir).expanduser().absolute()
+  if jax.process_index() != 0:
+    return _train_and_evaluate(config, workdir, None)
+  with lease_lib.hold(workdir) as held:
+    return _train_and_evaluate(config, workdir, held)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                        held: lease_lib.Lease | None) -> dict:
   _check_or_write_config(config, workdir)
   run = build(config)
   devices = _Devices(run, config.parallelism, config.fast_compile)
@@ -354,6 +366,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   def save(step: int, metrics: dict | None) -> None:
     nonlocal best_value
+    if held is not None:
+      held.check()  # another process took the workdir over: write nothing more
     canonical = devices.from_steps(step_state)
     if not bool(_all_finite(canonical.params)):
       raise NonFiniteLossError(

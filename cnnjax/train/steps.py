@@ -32,7 +32,7 @@ from flax import linen as nn
 from flax.training import dynamic_scale as dynamic_scale_lib
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cnnjax.models import lowering
+from cnnjax.models import lowering, tuning
 from cnnjax.train import optim
 
 DATA_AXIS = "data"
@@ -90,7 +90,10 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, image_shape, 
   """`create_state` compiled cheaply, placed with `sharding` (default: the default device)."""
   init = jax.jit(functools.partial(create_state, model, tx, tuple(image_shape), seed, ema,
                                    loss_scale), out_shardings=sharding)
-  return init.lower().compile(compiler_options=FAST_COMPILE_OPTIONS)()
+  # Runs once: the CPU lowering's heuristics, no per-shape measurement (tuning) for it.
+  with tuning.use("off"):
+    lowered = init.lower()
+  return lowered.compile(compiler_options=FAST_COMPILE_OPTIONS)()
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,

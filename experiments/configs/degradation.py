@@ -1,6 +1,8 @@
 """Plain against residual networks (He et al. 2016, Fig. 1/6): does depth make plain nets worse?
 
 Run:    python -m experiments.run --config experiments/configs/degradation.py
+Ray:    python -m experiments.run --config experiments/configs/degradation.py --launcher=ray \
+            --config.trial_resources=GPU=1 [--ray_address=auto]
 Smoke:  python -m experiments.run --config experiments/configs/degradation.py:smoke
 
 Trains plain-20, plain-56, resnet-20 and resnet-56 (CIFAR layout, option A
@@ -20,6 +22,8 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   config.name = "degradation"
   config.kind = "degradation"
   config.description = "plain-20/56 against resnet-20/56 on 32px gratings"
+  # Ray resources of one trial under --launcher=ray ("GPU=1", "CPU=4", "GPU=1,CPU=8").
+  config.trial_resources = "CPU=1"
   config.models = ("plain20", "plain56", "resnet20", "resnet56")
   config.curve_tail = 3  # logged windows averaged for the final training error
   # Final training errors closer than this are a tie (a logged window holds 1,280 images).

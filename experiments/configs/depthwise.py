@@ -1,6 +1,8 @@
 """Depthwise-separable against standard convolutions (Howard et al. 2017, Table 4).
 
 Run:    python -m experiments.run --config experiments/configs/depthwise.py
+Ray:    python -m experiments.run --config experiments/configs/depthwise.py --launcher=ray \
+            --config.trial_resources=GPU=1 [--ray_address=auto]
 Smoke:  python -m experiments.run --config experiments/configs/depthwise.py:smoke
 
 Trains MobileNet v1 and the same network with each depthwise-separable block
@@ -20,6 +22,8 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   config.name = "depthwise"
   config.kind = "depthwise"
   config.description = "MobileNet v1 (width 0.5) separable against standard convolutions"
+  # Ray resources of one trial under --launcher=ray ("GPU=1", "CPU=4", "GPU=1,CPU=8").
+  config.trial_resources = "CPU=1"
   t = train.default_config()
   t.model = "mobilenet_v1"
   t.model_overrides.width = 0.5

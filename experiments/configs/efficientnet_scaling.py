@@ -24,6 +24,8 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   config.name = "efficientnet_scaling"
   config.kind = "efficientnet_scaling"
   config.description = "compound scaling of a small B0-shaped network on 96px gratings"
+  # Ray resources of one trial under --launcher=ray ("GPU=1", "CPU=4", "GPU=1,CPU=8").
+  config.trial_resources = "CPU=1"
   s = config.scaling = ml_collections.ConfigDict()
   s.mode = "phi"  # phi: alpha^phi, beta^phi, gamma^phi | official: the B0-B7 table's ratios
   s.base_width = 0.25

@@ -1,6 +1,8 @@
 """One short training of every family on the same data and resolution: cost and accuracy.
 
 Run:    python -m experiments.run --config experiments/configs/zoo.py
+Ray:    python -m experiments.run --config experiments/configs/zoo.py --launcher=ray \
+            --config.trial_resources=GPU=1 [--ray_address=auto]
 Smoke:  python -m experiments.run --config experiments/configs/zoo.py:smoke
 
 AlexNet, VGG-11-BN, GoogLeNet, ResNet-18, DenseNet-121, MobileNet v2 and
@@ -23,6 +25,8 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   config.name = "zoo"
   config.kind = "zoo"
   config.description = "every family, 64x64 gratings, a short equal budget"
+  # Ray resources of one trial under --launcher=ray ("GPU=1", "CPU=4", "GPU=1,CPU=8").
+  config.trial_resources = "CPU=1"
   t = train.default_config()
   t.data.dataset = "gratings/64px"
   t.data.image_size = 64

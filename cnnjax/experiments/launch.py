@@ -1,0 +1,181 @@
+"""Who runs a sweep's trials: this process one after another, or a Ray cluster at once.
+
+`Local` runs them in order, in this process. `RayLauncher` submits every
+unfinished trial as a Ray task with the resources of `config.trial_resources`
+(`{"CPU": 2}`, `{"GPU": 1}`, ...), so a host with 8 GPUs runs 8 trials at
+once, each seeing only its own GPU (Ray sets `CUDA_VISIBLE_DEVICES`), and a
+multi-host cluster spreads them. On a CPU machine whose host devices are
+forced (`--xla_force_host_platform_device_count`), each trial sees as many
+devices as the CPUs it holds.
+
+The trial directories on shared storage stay the contract: a task runs
+`sweep.run_trial`, which writes the trial's status, checkpoints and metrics
+under its lease (`cnnjax.lease`). A task whose worker died is retried by Ray
+(`MAX_RETRIES`) and resumes from its own checkpoints, taking over the dead
+attempt's lease. A trial that fails is recorded as in a local sweep and the
+others go on. The driver blocks until every submitted trial has ended,
+printing a progress line, so an experiment's stages (EfficientNet's step 2
+after step 1's winner) stay ordinary Python: each stage is one `run_sweep`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from collections.abc import Mapping, Sequence
+
+from cnnjax import lease
+
+INSTALL = "pip install 'cnnjax[ray]'"
+MAX_RETRIES = 3
+CONNECT_TIMEOUT_SECONDS = 30.0
+_FORCED_DEVICES = re.compile(r"--xla_force_host_platform_device_count=\d+")
+
+
+class LaunchError(ValueError):
+  """The launcher cannot run here: no Ray, no cluster, or resources no node has."""
+
+
+class Local:
+  """Trials one after another in this process."""
+
+  name = "local"
+
+  def run(self, jobs: Sequence, run_one) -> list[dict]:
+    records = []
+    for index, trial in jobs:
+      print(f"[trial {index}] {trial.name}", flush=True)
+      records.append(run_one(index, trial))
+    return records
+
+
+def _ray():
+  try:
+    import ray  # noqa: PLC0415
+  except ImportError as error:
+    raise LaunchError(f"--launcher=ray needs Ray, which is not installed: {INSTALL}") from error
+  return ray
+
+
+def _check_reachable(address: str) -> None:
+  """A host:port that does not answer fails here, in seconds, instead of hanging Ray."""
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    raise LaunchError(f"--ray_address must be 'auto' or host:port, got {address!r}")
+  try:
+    with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_SECONDS / 3):
+      pass
+  except OSError as error:
+    raise LaunchError(f"no Ray cluster answers at {address} ({error}); start one with "
+                      f"`ray start --head` there, or check the address") from error
+
+
+def _task_options(resources: Mapping[str, float]) -> dict:
+  resources = {k: float(v) for k, v in resources.items()}
+  options = {"num_cpus": resources.pop("CPU", 1.0), "num_gpus": resources.pop("GPU", 0.0)}
+  if resources:
+    options["resources"] = resources
+  return options
+
+
+def fits(resources: Mapping[str, float], nodes: Sequence[Mapping[str, float]]) -> bool:
+  """Whether some node offers every resource a trial asks for."""
+  return any(all(node.get(k, 0.0) >= float(v) for k, v in resources.items()) for node in nodes)
+
+
+class RayLauncher:
+  """Trials as Ray tasks on the cluster at `address` ("auto", "host:port" or None: a local one)."""
+
+  name = "ray"
+
+  def __init__(self, resources: Mapping[str, float], address: str | None = None,
+               num_cpus: int | None = None):
+    self.resources = dict(resources)
+    if not self.resources or any(float(v) < 0 for v in self.resources.values()):
+      raise LaunchError(f"config.trial_resources must be a non-empty mapping of Ray resources "
+                        f"to amounts >= 0, e.g. {{'CPU': 1}} or {{'GPU': 1}}; got {resources}")
+    ray = _ray()
+    if address not in (None, "auto"):
+      _check_reachable(address)
+    try:
+      if not ray.is_initialized():
+        ray.init(address=address, num_cpus=num_cpus if address is None else None,
+                 include_dashboard=False, log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+      raise LaunchError(f"could not connect to Ray at {address!r}: {error}") from error
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if not fits(self.resources, nodes):
+      raise LaunchError(f"no node of the Ray cluster has the resources a trial asks for "
+                        f"(config.trial_resources = {self.resources}); the cluster's nodes "
+                        f"have {[{k: v for k, v in n.items() if not k.startswith('node:')} for n in nodes]}")
+
+  def _worker_env(self) -> dict:
+    env = {"PYTHONUNBUFFERED": "1"}
+    flags = os.environ.get("XLA_FLAGS", "")
+    if _FORCED_DEVICES.search(flags):  # a trial sees the host devices its CPUs pay for
+      devices = max(1, int(float(self.resources.get("CPU", 1))))
+      env["XLA_FLAGS"] = _FORCED_DEVICES.sub(
+          f"--xla_force_host_platform_device_count={devices}", flags)
+    return env
+
+  def run(self, jobs: Sequence, run_one) -> list[dict]:
+    ray = _ray()
+    # A fresh worker per trial (max_calls=1): JAX starts clean and sees only its devices.
+    remote = ray.remote(max_calls=1, max_retries=MAX_RETRIES)(_run_in_worker)
+    options = {**_task_options(self.resources),
+               "runtime_env": {"env_vars": self._worker_env()}}
+    pending = {}
+    for index, trial in jobs:
+      pending[remote.options(**options, name=f"trial {index} {trial.name}").remote(
+          run_one, index, trial)] = (index, trial)
+    records: dict[int, dict] = {}
+    started = time.perf_counter()
+    while pending:
+      ready, _ = ray.wait(list(pending), num_returns=1)
+      for ref in ready:
+        index, trial = pending.pop(ref)
+        try:
+          records[index] = ray.get(ref)
+        except Exception as error:  # noqa: BLE001 - a worker lost for good: the sweep goes on
+          records[index] = {"index": index, "name": trial.name, "info": trial.info,
+                            "overrides": trial.overrides, "status": "failed",
+                            "error": f"{type(error).__name__}: {error}"[:2000]}
+      failed = sum(r.get("status") == "failed" for r in records.values())
+      print(f"trials: {len(records) - failed} done, {len(pending)} running or queued, "
+            f"{failed} failed ({time.perf_counter() - started:.0f} s)", flush=True)
+    return [records[index] for index, _ in jobs]
+
+
+def _run_in_worker(run_one, index, trial):
+  # A retried attempt may find the dead attempt's lease; on another host its heartbeat
+  # must go stale first, so wait that long rather than failing the retry.
+  with lease.waiting(lease.STALE_SECONDS + 2 * lease.HEARTBEAT_SECONDS):
+    return run_one(index, trial)
+
+
+def make(name: str, resources: str = "CPU=1", address: str | None = None):
+  """The launcher `--launcher` names, connected and checked before any trial is submitted."""
+  if name == "local":
+    return Local()
+  if name == "ray":
+    return RayLauncher(parse_resources(resources), address)
+  raise LaunchError(f"unknown launcher {name!r}; choose 'local' or 'ray'")
+
+
+def parse_resources(text: str) -> dict[str, float]:
+  """"CPU=2" or "GPU=1,CPU=4" (config.trial_resources) as a mapping of Ray resources."""
+  resources = {}
+  for part in filter(None, (p.strip() for p in str(text).split(","))):
+    name, _, amount = part.partition("=")
+    try:
+      resources[name.strip()] = float(amount)
+    except ValueError:
+      raise LaunchError(f"config.trial_resources must look like 'CPU=1' or 'GPU=1,CPU=4'; "
+                        f"{part!r} in {text!r} is not NAME=AMOUNT") from None
+    if not name.strip() or resources[name.strip()] < 0:
+      raise LaunchError(f"config.trial_resources: {part!r} needs a name and an amount >= 0")
+  if not resources:
+    raise LaunchError(f"config.trial_resources is empty ({text!r}); e.g. 'CPU=1' or 'GPU=1'")
+  return resources
