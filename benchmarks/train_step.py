@@ -91,7 +91,8 @@ def _user_jit_steps(name: str, size: int):
 
     def loss_fn(params):
       logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
-                                    train=True, mutable=["batch_stats"])
+                                    train=True, mutable=["batch_stats"],
+                                    rngs={"dropout": jax.random.key(2)})
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
 
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

@@ -126,10 +126,14 @@ class RayLauncher:
     remote = ray.remote(max_calls=1, max_retries=MAX_RETRIES)(_run_in_worker)
     options = {**_task_options(self.resources),
                "runtime_env": {"env_vars": self._worker_env()}}
+    # Workers share the driver's persistent compilation cache, if it has one.
+    import jax  # noqa: PLC0415
+
+    cache_dir = jax.config.jax_compilation_cache_dir
     pending = {}
     for index, trial in jobs:
       pending[remote.options(**options, name=f"trial {index} {trial.name}").remote(
-          run_one, index, trial)] = (index, trial)
+          run_one, index, trial, cache_dir)] = (index, trial)
     records: dict[int, dict] = {}
     started = time.perf_counter()
     while pending:
@@ -148,7 +152,11 @@ class RayLauncher:
     return [records[index] for index, _ in jobs]
 
 
-def _run_in_worker(run_one, index, trial):
+def _run_in_worker(run_one, index, trial, cache_dir):
+  if cache_dir:
+    import jax  # noqa: PLC0415
+
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
   # A retried attempt may find the dead attempt's lease; on another host its heartbeat
   # must go stale first, so wait that long rather than failing the retry.
   with lease.waiting(lease.STALE_SECONDS + 2 * lease.HEARTBEAT_SECONDS):

@@ -1,0 +1,128 @@
+"""Sweeps on a local Ray cluster: the same table as in order, trials at once, retries that resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import ml_collections
+import pytest
+
+from cnnjax.experiments import kinds, launch
+from cnnjax.experiments.sweep import read_status, trial_dir, Trial
+
+ray = pytest.importorskip("ray", reason="make test installs cnnjax[ray]")
+pytestmark = pytest.mark.xdist_group("ray")  # one local cluster per test worker
+
+# What depends on the machine's load, not on the computation.
+TIMING = {"train_seconds", "images_per_second"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+  ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
+           log_to_driver=False)
+  yield
+  ray.shutdown()
+
+
+def _sweep_config(data_dir, names=("a", "b"), steps=6) -> ml_collections.ConfigDict:
+  from cnnjax import train
+
+  t = train.default_config()
+  t.data.dataset, t.data.data_dir, t.data.image_size = "digits", str(data_dir), 8
+  t.data.mean, t.data.std, t.data.flip = (0.5,), (0.5,), False
+  t.model_overrides.widths = (4, 4, 8)
+  t.batch_size, t.num_steps, t.log_every_steps = 32, steps, 2
+  t.eval_every_epochs = 0.1  # a checkpoint every few steps
+  t.progress_bar, t.fast_compile, t.optimizer.warmup_epochs = False, True, 0.0
+  config = ml_collections.ConfigDict({
+      "name": "raysweep", "kind": "sweep", "description": "test", "trial_resources": "CPU=1",
+      "trials": [{"name": n, "overrides": {"seed": i}} for i, n in enumerate(names)]})
+  config.train = t
+  return config
+
+
+def _table(workdir):
+  with open(workdir / "results.csv") as handle:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(handle)]
+
+
+def test_a_ray_sweep_equals_the_sequential_one_row_for_row_and_runs_trials_at_once(
+    cluster, digits_data_dir, tmp_path):
+  config = _sweep_config(digits_data_dir)
+  kinds.run(config, tmp_path / "local", launcher=launch.Local())
+  kinds.run(config, tmp_path / "ray", launcher=launch.make("ray", config.trial_resources))
+  assert _table(tmp_path / "ray") == _table(tmp_path / "local")
+  assert all(row["status"] == "done" for row in _table(tmp_path / "ray"))
+  # Both trials ran at once, each in its own worker process.
+  spans = []
+  for index, name in enumerate(("a", "b")):
+    status = read_status(trial_dir(tmp_path / "ray", index, Trial(name, {})))
+    spans.append((status["started_unix"], status["started_unix"] + status["seconds"]))
+  assert max(s for s, _ in spans) < min(e for _, e in spans), spans
+
+
+def test_a_killed_worker_is_retried_and_its_trial_resumes_to_the_same_result(
+    cluster, digits_data_dir, tmp_path):
+  config = _sweep_config(digits_data_dir, names=("a",), steps=60)
+  kinds.run(config, tmp_path / "uninterrupted", launcher=launch.Local())
+  directory = trial_dir(tmp_path / "ray", 0, Trial("a", {}))
+  outcome = {}
+  sweep = threading.Thread(target=lambda: outcome.update(kinds.run(
+      config, tmp_path / "ray", launcher=launch.make("ray", "CPU=1"))))
+  sweep.start()
+  deadline = time.monotonic() + 240
+
+  def finished_checkpoints():  # a finished save is renamed to its step; a save in flight is not
+    return [p for p in (directory / "checkpoints").glob("*") if p.name.isdigit() and int(p.name)]
+
+  while not finished_checkpoints() and time.monotonic() < deadline:
+    time.sleep(0.1)
+  victim = json.loads((directory / "lease.json").read_text())["pid"]
+  assert victim != os.getpid()
+  os.kill(victim, signal.SIGKILL)
+  sweep.join(timeout=300)
+  status = read_status(directory)
+  assert status["status"] == "done"
+  reference = read_status(trial_dir(tmp_path / "uninterrupted", 0, Trial("a", {})))
+  for key in ("top1", "loss", "step"):
+    assert status["result"][key] == reference["result"][key], key
+  # Two attempts, each compiled its step once: the second resumed from a checkpoint.
+  metrics = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+  compiles = [m["step"] for m in metrics if m.get("split") == "compile"]
+  assert len(compiles) == 2 and compiles[1] > 0, compiles
+  assert [m["step"] for m in metrics if m.get("event") == "resume"] == compiles[1:]
+
+
+def test_resources_no_node_has_are_refused_with_the_clusters(cluster):
+  with pytest.raises(launch.LaunchError, match=r"no node .*'GPU': 1\.0.*'CPU': 2\.0"):
+    launch.make("ray", "GPU=1")
+  with pytest.raises(launch.LaunchError, match="NAME=AMOUNT"):
+    launch.make("ray", "GPU")
+
+
+def test_an_address_that_does_not_answer_fails_quickly():
+  start = time.monotonic()
+  with pytest.raises(launch.LaunchError, match="no Ray cluster answers at 127.0.0.1:9"):
+    launch.make("ray", "CPU=1", "127.0.0.1:9")
+  assert time.monotonic() - start < 30
+
+
+def test_without_ray_the_error_names_the_install_command(monkeypatch):
+  monkeypatch.setitem(sys.modules, "ray", None)
+  with pytest.raises(launch.LaunchError, match=r"pip install 'cnnjax\[ray\]'"):
+    launch.make("ray", "CPU=1")
+
+
+def test_forced_host_devices_are_shared_out_by_cpus(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_foo=1")
+  launcher = launch.RayLauncher.__new__(launch.RayLauncher)
+  launcher.resources = {"CPU": 2.0}
+  assert launcher._worker_env()["XLA_FLAGS"] == (
+      "--xla_force_host_platform_device_count=2 --xla_foo=1")
