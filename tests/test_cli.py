@@ -1,31 +1,82 @@
-"""The command line `python -m cnnjax.summary` (experiments.run: test_experiments.py)."""
+"""The command line reads cleanly: one `error:` line per user error, a log without control
+characters, tracebacks or irrelevant warnings, counts as integers."""
 
-from cnnjax.summary import main as summary_main
+from __future__ import annotations
 
+import os
+import subprocess
+import sys
 
-def test_summary_cli_prints_the_table(capsys):
-  assert summary_main(["resnet20", "--size", "32"]) == 0
-  out = capsys.readouterr().out
-  assert "stage3_2/conv2" in out and "269,722 parameters" in out and "81,102,080" not in out
-  assert "40,551,040 MACs" in out
+import pytest
 
+from cnnjax.experiments import cli
+from tests.conftest import REPO
 
-def test_summary_cli_errors_are_clear(capsys):
-  assert summary_main(["alexnet", "--size", "32"]) == 2
-  assert "smallest input that works is 63x63" in capsys.readouterr().err
-  assert summary_main(["resnet19"]) == 2
-  assert "Closest: resnet18" in capsys.readouterr().err
+QUICKSTART = f"--config={REPO / 'experiments' / 'configs' / 'quickstart.py'}:smoke"
 
 
-def test_summary_cli_prints_the_measured_zoo(capsys):
-  assert summary_main(["--zoo", "plain2*"]) == 0
-  out = capsys.readouterr().out
-  assert "plain20" in out and "269,722" in out and "0.081" in out
-  assert summary_main(["--zoo", "nonexistent*"]) == 2
+@pytest.fixture
+def data_env(digits_data_dir, monkeypatch):
+  monkeypatch.setenv("CNNJAX_DATA_DIR", str(digits_data_dir))
+  return digits_data_dir
 
 
-def test_importing_the_cli_keeps_cnnjax_summary_callable():
-  import cnnjax
-  import cnnjax.summary  # noqa: F401  (rebinds the package attribute to the module)
-  table = cnnjax.summary(cnnjax.create_model("resnet20"), 32)
-  assert table.total_params == 269_722
+def _run(args):
+  return cli.main([*args, "--cache_dir="])
+
+
+def _one_error_line(err: str) -> str:
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert lines and lines[-1].startswith("error: "), err
+  assert "Traceback" not in err, err
+  return lines[-1]
+
+
+def test_a_nan_loss_ends_with_one_error_line_and_exit_1(data_env, tmp_path, capsys):
+  code = _run([QUICKSTART, f"--workdir={tmp_path}", "--config.train.optimizer.learning_rate=1e12",
+               "--config.train.optimizer.warmup_epochs=0"])
+  line = _one_error_line(capsys.readouterr().err)
+  assert code == 1
+  assert "not finite" in line or "non-finite" in line or "loss is nan" in line, line
+
+
+def test_verbose_adds_the_traceback(capsys):
+  assert _run([QUICKSTART, "--config.train.modle=x", "--verbose"]) == 2
+  err = capsys.readouterr().err
+  assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_a_config_typo_reads_as_text_not_as_a_repr(capsys):
+  assert _run([QUICKSTART, "--config.train.modle=resnet20"]) == 2
+  line = _one_error_line(capsys.readouterr().err)
+  assert "\\n" not in line and "\\'" not in line, line
+  assert 'Did you mean "model" instead of "modle"?' in line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.train.batch_size=many"], "batch_size"),
+    (["--config.train.data.dataset=cifar10"], "tfds build cifar10"),
+])
+def test_bad_overrides_and_missing_data_are_one_line(args, message, tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv("CNNJAX_DATA_DIR", str(tmp_path / "empty"))
+  assert _run([QUICKSTART, f"--workdir={tmp_path / 'run'}", *args]) == 2
+  assert message in _one_error_line(capsys.readouterr().err)
+
+
+def test_a_log_file_reads_like_a_report(digits_data_dir, tmp_path):
+  """No terminal: plain progress lines, no carriage returns, no OpenCV advice, integer counts."""
+  log = tmp_path / "log.txt"
+  with open(log, "w") as handle:
+    out = subprocess.run([sys.executable, "-m", "experiments.run", QUICKSTART,
+                          f"--workdir={tmp_path / 'run'}", "--config.train.progress_bar=True",
+                          "--config.train.num_steps=20", "--cache_dir="],
+                         cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, timeout=600,
+                         env={**os.environ, "CNNJAX_DATA_DIR": str(digits_data_dir)})
+  text = log.read_text()
+  assert out.returncode == 0, text[-3000:]
+  assert "\r" not in text and "\x1b" not in text
+  assert "OpenCV" not in text and "Traceback" not in text
+  assert "train step 20/20 (100%): loss " in text
+  progress = [line for line in text.splitlines() if line.startswith("train step ")]
+  assert 1 < len(progress) <= 21
+  assert " test images)" in text and ".0 test images" not in text

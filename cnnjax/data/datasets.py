@@ -41,8 +41,30 @@ class DatasetInfo:
   class_names: tuple = ()
 
 
+def _quiet_tfds() -> None:
+  """Installs `_NoOpenCVAdvice` on absl's logger, where TFDS warns (once per process)."""
+  import logging  # noqa: PLC0415
+
+  logger = logging.getLogger("absl")
+  if not any(isinstance(f, _NoOpenCVAdvice) for f in logger.filters):
+    logger.addFilter(_NoOpenCVAdvice())
+
+
+class _NoOpenCVAdvice:
+  """Drops two TFDS warnings that concern no cnnjax user: "OpenCV is not installed" (cnnjax
+  decodes with PIL on purpose) and "Variant folder ... has no dataset_info.json" (an embedded
+  dataset being prepared into a new directory)."""
+
+  def filter(self, record) -> bool:
+    message = str(record.msg)
+    return not (message.startswith("OpenCV is not installed")
+                or (message.startswith("Variant folder") and "has no" in message))
+
+
 def _tfds():
   import tensorflow_datasets as tfds  # noqa: PLC0415 - heavy import kept off `import cnnjax`
+
+  _quiet_tfds()
 
   from cnnjax.data import builders  # noqa: F401, PLC0415 - registers the embedded builders
   return tfds
@@ -247,3 +269,8 @@ class ArraySource:
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
     return [self[i] for i in indices]
+
+
+# Also at import: grain's worker processes decode in processes that import cnnjax.data
+# (to unpickle its transforms) but never call `_tfds`.
+_quiet_tfds()

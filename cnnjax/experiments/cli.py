@@ -20,6 +20,7 @@ import os
 import pathlib
 import shlex
 import sys
+import traceback
 
 from absl import flags
 
@@ -66,6 +67,8 @@ def _define_flags(argv: list[str]) -> flags.FlagValues:
   flags.DEFINE_string("ray_address", None, "with --launcher=ray: 'auto' (the cluster this "
                       "machine joined), host:port, or unset for a Ray started here",
                       flag_values=values)
+  flags.DEFINE_bool("verbose", False, "on an error, also print its traceback",
+                    flag_values=values)
   flags.DEFINE_string("publish", None, "after the run, copy its report, tables and plots here "
                       "with the date, machine and command (never overwrites)", flag_values=values)
   values(argv)
@@ -81,16 +84,48 @@ def _config_argument(argv: list[str]) -> str:
   return str(CONFIG_DIR / f"{DEFAULT_EXPERIMENT}.py")
 
 
+def describe_error(error: BaseException) -> str:
+  """One readable line: a KeyError's own text (not its repr), the lines of a message joined."""
+  if isinstance(error, KeyError) and error.args and isinstance(error.args[0], str):
+    text = error.args[0]
+  else:
+    text = str(error)
+  return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or repr(error)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+  """What a user's config, data, workdir or training can raise: an error line, not a traceback."""
+  from cnnjax import lease  # noqa: PLC0415
+  from cnnjax.train.loop import NonFiniteLossError  # noqa: PLC0415
+
+  return (flags.Error, KeyError, AttributeError, ValueError, FileNotFoundError,
+          NotADirectoryError, PermissionError, lease.WorkdirBusyError, lease.WorkdirLeaseLost,
+          NonFiniteLossError)
+
+
 def main(argv: list[str] | None = None) -> int:
+  """The command line; every error a user can cause ends in one `error:` line (exit 1 or 2).
+
+  Exit 1: the run itself failed (a NaN loss, a failed trial); 2: bad settings, data or
+  workdir. `--verbose` also prints the traceback.
+  """
   argv = list(sys.argv if argv is None else ["experiments.run", *argv])
+  try:
+    return _main(argv)
+  except _user_errors() as error:
+    from cnnjax.train.loop import NonFiniteLossError  # noqa: PLC0415
+
+    if "--verbose" in argv[1:]:
+      traceback.print_exc()
+    print(f"error: {describe_error(error)}", file=sys.stderr)
+    return 1 if isinstance(error, NonFiniteLossError) else 2
+
+
+def _main(argv: list[str]) -> int:
   if "--list" in argv[1:]:
     print(list_experiments())
     return 0
-  try:
-    values = _define_flags(argv)
-  except (flags.Error, KeyError, AttributeError) as error:  # unknown flags, config-key typos
-    print(f"error: {error}", file=sys.stderr)
-    return 2
+  values = _define_flags(argv)
   config = values.config
   if values.cache_dir:
     import jax  # noqa: PLC0415
@@ -113,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   print(f"experiment {config.name}{f' ({variant})' if variant else ''}: {config.description}")
   print(f"workdir {workdir}", flush=True)
-  from cnnjax import lease  # noqa: PLC0415
   from cnnjax.experiments import launch  # noqa: PLC0415
 
   try:
@@ -123,12 +157,11 @@ def main(argv: list[str] | None = None) -> int:
                              values.ray_address)
       print(f"launcher {values.launcher}: {launcher.resources} per trial", flush=True)
     outcome = kinds.run(config, workdir, values.trial, command.strip(), launcher)
-  except lease.WorkdirBusyError as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
   except (ValueError, KeyError, FileNotFoundError) as error:
     # Bad settings, data or workdir: say what and stop; nothing was written over.
-    print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+    if values.verbose:
+      traceback.print_exc()
+    print(f"error: {type(error).__name__}: {describe_error(error)}", file=sys.stderr)
     return 2
   rows = outcome["rows"]
   if values.trial is not None and not any(r.get("trial") == values.trial for r in rows):
@@ -139,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
   finished = [r for r in rows if r.get("accuracy") is not None]
   if len(rows) == 1 and finished:
     print(f"final test accuracy: {100 * finished[0]['accuracy']:.2f}% "
-          f"({finished[0].get('eval_examples', '')} test images)")
+          f"({int(finished[0]['eval_examples'])} test images)")
   else:
     print(f"{len(finished)} of {len(rows)} trials finished"
           + (f", {len(failed)} failed" if failed else ""))

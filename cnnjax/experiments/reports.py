@@ -39,6 +39,15 @@ def write_tables(workdir: pathlib.Path, rows: Sequence[dict], columns: Sequence[
   (workdir / "results.json").write_text(json.dumps(list(rows), indent=1, default=str))
 
 
+def read_results(workdir: str | os.PathLike) -> list[dict]:
+  """The rows an experiment wrote (`results.json`), from a run's workdir or a published copy."""
+  path = pathlib.Path(workdir) / "results.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{workdir} has no results.json: run the experiment there first "
+                            "(python -m experiments.run ... --workdir), or name a published one")
+  return json.loads(path.read_text())
+
+
 def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]

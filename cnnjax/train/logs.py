@@ -1,4 +1,8 @@
-"""Where metrics go: a JSONL file, TensorBoard event files, a progress bar, the logger.
+"""Where metrics go: a JSONL file, TensorBoard event files, progress, the logger.
+
+Progress is a bar on a terminal; elsewhere (a log file, CI, a cluster job) a
+plain line every `PLAIN_PROGRESS_LINES`-th of the run, so logs hold no
+carriage-return frames.
 
 Only process 0 writes; on other processes every method is a no-op. Records in
 `metrics.jsonl` are `{"step", "split", ...metrics}`; a resumed run appends a
@@ -12,11 +16,13 @@ import json
 import logging
 import math
 import pathlib
+import sys
 import time
 
 import jax
 
 log = logging.getLogger("cnnjax.train")
+PLAIN_PROGRESS_LINES = 20
 
 
 class MetricWriter:
@@ -30,6 +36,8 @@ class MetricWriter:
     self._jsonl = None
     self._tensorboard = None
     self._bar = None
+    self._plain_every = 0  # steps between plain progress lines (0: none)
+    self._plain_last = start_step
     if not self.active:
       return
     workdir.mkdir(parents=True, exist_ok=True)
@@ -44,11 +52,13 @@ class MetricWriter:
                     "(pip install tensorboardX)")
       else:
         self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
-    if progress_bar:
+    if progress_bar and _on_terminal():
       from tqdm.auto import tqdm  # noqa: PLC0415
 
       self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                        desc="train")
+    elif progress_bar:
+      self._plain_every = max(1, math.ceil(total_steps / PLAIN_PROGRESS_LINES))
 
   def _write_line(self, record: dict) -> None:
     self._jsonl.write(json.dumps(record) + "\n")
@@ -80,6 +90,13 @@ class MetricWriter:
       if "images_per_second" in metrics:
         postfix["img/s"] = f"{metrics['images_per_second']:.0f}"
       self._bar.set_postfix(postfix, refresh=True)
+    elif self._plain_every and (step - self._plain_last >= self._plain_every
+                                or step >= self.total_steps):
+      self._plain_last = step
+      rate = (f", {metrics['images_per_second']:.0f} img/s" if "images_per_second" in metrics
+              else "")
+      print(f"train step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%): "
+            f"loss {float(metrics['loss']):.4f}{rate}", flush=True)
     return metrics
 
   def reset_timer(self, step: int) -> None:
@@ -93,6 +110,10 @@ class MetricWriter:
       self._tensorboard.close()
     if self._jsonl is not None:
       self._jsonl.close()
+
+
+def _on_terminal() -> bool:
+  return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
 
 
 def read_metrics(path: pathlib.Path) -> list[dict]:

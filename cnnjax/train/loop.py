@@ -317,6 +317,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     return _train_and_evaluate(config, workdir, held)
 
 
+def evaluate_checkpoint(workdir: str | os.PathLike, which: str = "best",
+                        config: ml_collections.ConfigDict | None = None) -> dict:
+  """Evaluates a finished or running run's checkpoint on its test split; reads nothing else.
+
+  `which` is "best" (kept with `config.best_metric`) or "latest". The config is
+  the run's own `config.json` unless given. Returns {"step", "loss", "top1", "top5", "count"}.
+  """
+  workdir = pathlib.Path(workdir).expanduser().absolute()
+  if which not in ("best", "latest"):
+    raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+  if config is None:
+    path = workdir / "config.json"
+    if not path.exists():
+      raise FileNotFoundError(f"{workdir} holds no run (no config.json); pass config=")
+    config = config_lib.with_overrides(config_lib.default_config(), json.loads(path.read_text()))
+  directory = workdir / ("best" if which == "best" else "checkpoints")
+  if not directory.exists():
+    hint = " (the run kept none: set config.best_metric)" if which == "best" else ""
+    raise FileNotFoundError(f"no {which} checkpoint in {workdir}{hint}")
+  run = build(config)
+  devices = _Devices(run, config.parallelism, config.fast_compile)
+  state = steps.init_state(run.model, run.tx, run.image_shape, config.seed,
+                           ema=config.ema_decay > 0, sharding=devices.replicated)
+  manager = checkpoint_lib.make_manager(directory, 1, async_save=False)
+  restored = checkpoint_lib.restore_latest(manager, checkpoint_lib.abstract_like(state))
+  if restored is None:
+    raise FileNotFoundError(f"no {which} checkpoint in {directory}")
+  step, state, _ = restored
+  metrics = _evaluate(devices, devices.to_steps(state), run, config)
+  return {"step": step, **metrics}
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                         held: lease_lib.Lease | None) -> dict:
   _check_or_write_config(config, workdir)
