@@ -69,7 +69,8 @@ def test_a_log_file_reads_like_a_report(digits_data_dir, tmp_path):
   with open(log, "w") as handle:
     out = subprocess.run([sys.executable, "-m", "experiments.run", QUICKSTART,
                           f"--workdir={tmp_path / 'run'}", "--config.train.progress_bar=True",
-                          "--config.train.num_steps=20", "--cache_dir="],
+                          "--config.train.num_steps=20", "--config.train.log_every_steps=2",
+                          "--cache_dir="],
                          cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, timeout=600,
                          env={**os.environ, "CNNJAX_DATA_DIR": str(digits_data_dir)})
   text = log.read_text()

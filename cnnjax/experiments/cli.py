@@ -15,6 +15,7 @@ This module sets JAX's persistent compilation cache: it is an entry point.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import pathlib
@@ -85,11 +86,23 @@ def _config_argument(argv: list[str]) -> str:
 
 
 def describe_error(error: BaseException) -> str:
-  """One readable line: a KeyError's own text (not its repr), the lines of a message joined."""
+  """One readable line: a KeyError's own text (not its repr), the lines of a message joined.
+
+  absl wraps a config-key typo's KeyError in a flag error whose text is that KeyError's
+  repr (quotes and escaped newlines); it is unwrapped too.
+  """
   if isinstance(error, KeyError) and error.args and isinstance(error.args[0], str):
     text = error.args[0]
   else:
     text = str(error)
+  while len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+    try:
+      literal = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      break
+    if not isinstance(literal, str):
+      break
+    text = literal
   return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or repr(error)
 
 
