@@ -25,10 +25,19 @@ TIMING = {"train_seconds", "images_per_second"}
 
 @pytest.fixture(scope="module")
 def cluster():
-  ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
-           log_to_driver=False)
-  yield
-  ray.shutdown()
+  """Two CPUs, started from an environment that forces two host devices, as a 2-device host."""
+  saved = os.environ.get("XLA_FLAGS")
+  os.environ["XLA_FLAGS"] = f"{saved or ''} --xla_force_host_platform_device_count=2".strip()
+  try:
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
+             log_to_driver=False)
+    yield
+  finally:
+    ray.shutdown()
+    if saved is None:
+      os.environ.pop("XLA_FLAGS", None)
+    else:
+      os.environ["XLA_FLAGS"] = saved
 
 
 def _sweep_config(data_dir, names=("a", "b"), steps=6) -> ml_collections.ConfigDict:
@@ -60,11 +69,12 @@ def test_a_ray_sweep_equals_the_sequential_one_row_for_row_and_runs_trials_at_on
   kinds.run(config, tmp_path / "ray", launcher=launch.make("ray", config.trial_resources))
   assert _table(tmp_path / "ray") == _table(tmp_path / "local")
   assert all(row["status"] == "done" for row in _table(tmp_path / "ray"))
-  # Both trials ran at once, each in its own worker process.
+  # On this 2-device host both trials ran at once, each in its own worker seeing one device.
   spans = []
   for index, name in enumerate(("a", "b")):
     status = read_status(trial_dir(tmp_path / "ray", index, Trial(name, {})))
     spans.append((status["started_unix"], status["started_unix"] + status["seconds"]))
+    assert status["result"]["devices"] == 1
   assert max(s for s, _ in spans) < min(e for _, e in spans), spans
 
 

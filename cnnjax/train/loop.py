@@ -455,7 +455,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
       best.wait_until_finished()
     writer.close()
   train_seconds = time.perf_counter() - start_time
-  result = {"step": step, "total_steps": run.total_steps, **eval_metrics,
+  result = {"step": step, "total_steps": run.total_steps, "devices": jax.device_count(),
+            **eval_metrics,
             "train_loss": train_metrics.get("data_loss", float("nan")),
             "train_accuracy": train_metrics.get("accuracy", float("nan")),
             "compile_seconds": compile_seconds, "train_seconds": train_seconds,
