@@ -63,8 +63,11 @@ def test_bad_overrides_and_missing_data_are_one_line(args, message, tmp_path, mo
   assert message in _one_error_line(capsys.readouterr().err)
 
 
-def test_a_log_file_reads_like_a_report(digits_data_dir, tmp_path):
-  """No terminal: plain progress lines, no carriage returns, no OpenCV advice, integer counts."""
+def test_a_log_file_reads_like_a_report(tmp_path):
+  """No terminal: plain progress lines, no carriage returns, no OpenCV advice, integer counts.
+
+  The data directory is new, so the log also holds the embedded dataset's preparation.
+  """
   log = tmp_path / "log.txt"
   with open(log, "w") as handle:
     out = subprocess.run([sys.executable, "-m", "experiments.run", QUICKSTART,
@@ -72,7 +75,7 @@ def test_a_log_file_reads_like_a_report(digits_data_dir, tmp_path):
                           "--config.train.num_steps=20", "--config.train.log_every_steps=2",
                           "--cache_dir="],
                          cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, timeout=600,
-                         env={**os.environ, "CNNJAX_DATA_DIR": str(digits_data_dir)})
+                         env={**os.environ, "CNNJAX_DATA_DIR": str(tmp_path / "data")})
   text = log.read_text()
   assert out.returncode == 0, text[-3000:]
   assert "\r" not in text and "\x1b" not in text

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -174,6 +175,8 @@ def _check_format(name: str, dataset_builder, data_dir: pathlib.Path) -> None:
 
 def _prepare(dataset_builder, progress: bool) -> None:
   tfds = _tfds()
+  # TFDS's bars are carriage-return frames: drawn on a terminal only, never into a log.
+  progress = progress and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
   if not progress:
     tfds.disable_progress_bar()
   try:
