@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pathlib
 import statistics
 import sys
 import tempfile
@@ -168,8 +169,6 @@ def pipeline_rates(workers: list[int], size: int, batch: int = 128, batches: int
                        f"ml_collections (or pip install -e . in the repository)"}
   rates = {}
   with tempfile.TemporaryDirectory() as tmp:
-    import pathlib
-
     native = max(16, size * 8 // 7 // 16 * 16)  # 256 for 224: crops from a larger image
     source = input_pipeline._source(pathlib.Path(tmp), native, batch * (batches + 4))
     for count in workers:

@@ -84,3 +84,16 @@ def test_a_log_file_reads_like_a_report(tmp_path):
   progress = [line for line in text.splitlines() if line.startswith("train step ")]
   assert 1 < len(progress) <= 21
   assert " test images)" in text and ".0 test images" not in text
+
+
+def test_reading_back_a_run_or_a_sweep_names_what_is_missing(tmp_path):
+  from cnnjax import train
+  from cnnjax.experiments import reports
+
+  with pytest.raises(ValueError, match="which must be 'best' or 'latest', got 'worst'"):
+    train.evaluate_checkpoint(tmp_path, which="worst")
+  with pytest.raises(FileNotFoundError, match=r"holds no run \(no config.json\)"):
+    train.evaluate_checkpoint(tmp_path)
+  with pytest.raises(FileNotFoundError, match="has no results.json: run the experiment there"):
+    reports.read_results(tmp_path)
+  assert list(tmp_path.iterdir()) == []   # reading writes nothing

@@ -56,7 +56,7 @@ def test_the_command_line_refuses_with_one_error_line(holder):
                         "--config=experiments/configs/quickstart.py:smoke"], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 2
-  assert f"error: {workdir} is in use by pid {process.pid}" in out.stderr
+  assert f"error: WorkdirBusyError: {workdir} is in use by pid {process.pid}" in out.stderr
   assert "Traceback" not in out.stderr
 
 

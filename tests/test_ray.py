@@ -25,7 +25,14 @@ TIMING = {"train_seconds", "images_per_second"}
 
 @pytest.fixture(scope="module")
 def cluster():
-  """Two CPUs, started from an environment that forces two host devices, as a 2-device host."""
+  """Two CPUs, started from an environment that forces two host devices, as a 2-device host.
+
+  This process's own backend starts first, so its sequential reference runs keep one device
+  (the variable is read once, when the backend starts).
+  """
+  import jax
+
+  assert jax.device_count() == 1
   saved = os.environ.get("XLA_FLAGS")
   os.environ["XLA_FLAGS"] = f"{saved or ''} --xla_force_host_platform_device_count=2".strip()
   try:

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
   """The command line; every error a user can cause ends in one `error:` line (exit 1 or 2).
 
   Exit 1: the run itself failed (a NaN loss, a failed trial); 2: bad settings, data or
-  workdir. `--verbose` also prints the traceback.
+  workdir, and nothing was written over. `--verbose` also prints the traceback.
   """
   argv = list(sys.argv if argv is None else ["experiments.run", *argv])
   try:
@@ -130,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if "--verbose" in argv[1:]:
       traceback.print_exc()
-    print(f"error: {describe_error(error)}", file=sys.stderr)
+    # absl's flag errors say what they are; for the others the type names the problem
+    # (ConfigMismatchError, WorkdirBusyError, DatasetError, ...).
+    kind = "" if isinstance(error, flags.Error) else f"{type(error).__name__}: "
+    print(f"error: {kind}{describe_error(error)}", file=sys.stderr)
     return 1 if isinstance(error, NonFiniteLossError) else 2
 
 
@@ -163,19 +166,12 @@ def _main(argv: list[str]) -> int:
   print(f"workdir {workdir}", flush=True)
   from cnnjax.experiments import launch  # noqa: PLC0415
 
-  try:
-    launcher = None
-    if values.launcher != "local" and values.trial is None:
-      launcher = launch.make(values.launcher, config.get("trial_resources", "CPU=1"),
-                             values.ray_address)
-      print(f"launcher {values.launcher}: {launcher.resources} per trial", flush=True)
-    outcome = kinds.run(config, workdir, values.trial, command.strip(), launcher)
-  except (ValueError, KeyError, FileNotFoundError) as error:
-    # Bad settings, data or workdir: say what and stop; nothing was written over.
-    if values.verbose:
-      traceback.print_exc()
-    print(f"error: {type(error).__name__}: {describe_error(error)}", file=sys.stderr)
-    return 2
+  launcher = None
+  if values.launcher != "local" and values.trial is None:
+    launcher = launch.make(values.launcher, config.get("trial_resources", "CPU=1"),
+                           values.ray_address)
+    print(f"launcher {values.launcher}: {launcher.resources} per trial", flush=True)
+  outcome = kinds.run(config, workdir, values.trial, command.strip(), launcher)
   rows = outcome["rows"]
   if values.trial is not None and not any(r.get("trial") == values.trial for r in rows):
     print(f"error: --trial {values.trial} does not exist; this experiment has trials "

@@ -90,8 +90,7 @@ class RayLauncher:
 
   name = "ray"
 
-  def __init__(self, resources: Mapping[str, float], address: str | None = None,
-               num_cpus: int | None = None):
+  def __init__(self, resources: Mapping[str, float], address: str | None = None):
     self.resources = dict(resources)
     if not self.resources or any(float(v) < 0 for v in self.resources.values()):
       raise LaunchError(f"config.trial_resources must be a non-empty mapping of Ray resources "
@@ -101,8 +100,7 @@ class RayLauncher:
       _check_reachable(address)
     try:
       if not ray.is_initialized():
-        ray.init(address=address, num_cpus=num_cpus if address is None else None,
-                 include_dashboard=False, log_to_driver=True)
+        ray.init(address=address, include_dashboard=False, log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as error:
       raise LaunchError(f"could not connect to Ray at {address!r}: {error}") from error
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
