@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test run bench bench-accelerator clean
+.PHONY: install test test-torch run bench bench-accelerator clean
 
 install: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q -m "not torch"
 
 run: $(STAMP)
 	$(BIN)/python -m experiments.run $(ARGS)
@@ -29,6 +29,16 @@ BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install 'torch>=2.4' 'torchvision>=0.19'
 	touch $(BENCH_STAMP)
+
+# Every pretrained-weight layout at full size against torchvision and timm (tests/test_weights_torch.py).
+TORCH_STAMP := $(VENV)/.torch-tests-installed
+
+$(TORCH_STAMP): $(BENCH_STAMP)
+	$(BIN)/python -m pip install 'timm>=1.0' 'safetensors>=0.4'
+	touch $(TORCH_STAMP)
+
+test-torch: $(TORCH_STAMP)
+	$(BIN)/python -m pytest -n 2 -q -m torch tests/test_weights_torch.py
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.train_step $(ARGS)

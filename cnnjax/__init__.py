@@ -1,7 +1,8 @@
 """cnnjax: classic convolutional networks in JAX/Flax.
 
-The notebook API: `list_models`, `create_model`, `model_info`, and the
-convolution arithmetic `count_params`, `flops`, `summary`.
+The notebook API: `list_models`, `create_model`, `model_info`, the
+convolution arithmetic `count_params`, `flops`, `summary`, and pretrained
+weights in torchvision's and timm's names: `load_weights`, `save_weights`.
 
 Importing cnnjax makes one process-wide setting, documented and reversible in
 `cnnjax.xla_cpu`: XLA:CPU keeps convolutions with XLA rather than YNNPACK, so a
@@ -16,6 +17,7 @@ xla_cpu.apply()
 from cnnjax.analysis import Summary, count_params, flops, summary  # noqa: E402
 from cnnjax.registry import (  # noqa: E402
     ModelInfo, create_model, list_models, model_info, register_model)
+from cnnjax.weights import load_weights, save_weights  # noqa: E402
 
 __all__ = [
     "ModelInfo",

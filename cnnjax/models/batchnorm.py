@@ -155,8 +155,10 @@ class BatchNorm(nn.Module):
                        f"{self.axis} for a rank-{x.ndim} input. Use flax.linen.BatchNorm "
                        "for other layouts.")
     features = (x.shape[-1],)
-    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features)
-    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
+    # float32 as flax keeps them, or float64 for a float64 model (exact parity checks).
+    stats_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), features)
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), features)
     scale = (self.param("scale", self.scale_init, features, self.param_dtype) if self.use_scale
              else jnp.ones(features, self.param_dtype))
     bias = (self.param("bias", self.bias_init, features, self.param_dtype) if self.use_bias

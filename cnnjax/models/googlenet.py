@@ -85,13 +85,15 @@ class AuxHead(nn.Module):
     return self.dense(self.num_classes, name="fc2")(x)
 
 
-_MODULES = {
-    "3a": (64, 96, 128, 16, 32, 32), "3b": (128, 128, 192, 32, 96, 64),
-    "4a": (192, 96, 208, 16, 48, 64), "4b": (160, 112, 224, 24, 64, 64),
-    "4c": (128, 128, 256, 24, 64, 64), "4d": (112, 144, 288, 32, 64, 64),
-    "4e": (256, 160, 320, 32, 128, 128),
-    "5a": (256, 160, 320, 32, 128, 128), "5b": (384, 192, 384, 48, 128, 128),
-}
+# The inception modules in order, each (1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool projection).
+INCEPTION_NAMES = ("3a", "3b", "4a", "4b", "4c", "4d", "4e", "5a", "5b")
+INCEPTION_WIDTHS = (
+    (64, 96, 128, 16, 32, 32), (128, 128, 192, 32, 96, 64),
+    (192, 96, 208, 16, 48, 64), (160, 112, 224, 24, 64, 64),
+    (128, 128, 256, 24, 64, 64), (112, 144, 288, 32, 64, 64),
+    (256, 160, 320, 32, 128, 128),
+    (256, 160, 320, 32, 128, 128), (384, 192, 384, 48, 128, 128),
+)
 
 
 # Smallest input whose ceil-mode pools leave no empty map (tests/test_input_size.py).
@@ -100,6 +102,9 @@ MIN_INPUT_SIZE = 15
 
 class GoogLeNet(nn.Module):
   num_classes: int = 1000
+  # The stem's three convolutions and the inception modules' widths (narrow twins for tests).
+  stem_widths: Sequence[int] = (64, 64, 192)
+  inception_widths: Sequence[Sequence[int]] = INCEPTION_WIDTHS
   aux_logits: bool = False
   five_by_five: int = 3
   dropout: float = 0.2
@@ -120,25 +125,27 @@ class GoogLeNet(nn.Module):
     inception = functools.partial(Inception, five_by_five=self.five_by_five, conv=conv, norm=norm)
     block = functools.partial(ConvBN, conv=conv, norm=norm)
 
-    x = block(64, 7, 2, name="conv1")(x, train)
+    widths = dict(zip(INCEPTION_NAMES, self.inception_widths, strict=True))
+    stem1, stem2, stem3 = self.stem_widths
+    x = block(stem1, 7, 2, name="conv1")(x, train)
     x = common.max_pool(x, 3, 2, ceil_mode=True)
-    x = block(64, 1, name="conv2")(x, train)
-    x = block(192, 3, name="conv3")(x, train)
+    x = block(stem2, 1, name="conv2")(x, train)
+    x = block(stem3, 3, name="conv3")(x, train)
     x = common.max_pool(x, 3, 2, ceil_mode=True)
-    x = inception(_MODULES["3a"], name="inception3a")(x, train)
-    x = inception(_MODULES["3b"], name="inception3b")(x, train)
+    x = inception(widths["3a"], name="inception3a")(x, train)
+    x = inception(widths["3b"], name="inception3b")(x, train)
     x = common.max_pool(x, 3, 2, ceil_mode=True)
     aux = []
     for name in ("4a", "4b", "4c", "4d", "4e"):
-      x = inception(_MODULES[name], name=f"inception{name}")(x, train)
+      x = inception(widths[name], name=f"inception{name}")(x, train)
       # The heads run in training only, and at init so that their parameters exist.
       if self.aux_logits and name in ("4a", "4d") and (train or self.is_initializing()):
         head = AuxHead(self.num_classes, conv, norm, dense, self.aux_dropout,
                        name=f"aux{len(aux) + 1}")
         aux.append(head(x, train))
     x = common.max_pool(x, 2, 2, ceil_mode=True)
-    x = inception(_MODULES["5a"], name="inception5a")(x, train)
-    x = inception(_MODULES["5b"], name="inception5b")(x, train)
+    x = inception(widths["5a"], name="inception5a")(x, train)
+    x = inception(widths["5b"], name="inception5b")(x, train)
     x = common.global_avg_pool(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     logits = dense(self.num_classes, name="fc")(x)

@@ -4,8 +4,9 @@ v1 is thirteen depthwise-separable blocks: a kxk depthwise filter per channel
 then a 1x1 pointwise mix, costing 1/N + 1/k^2 of a standard convolution.
 v2 stacks inverted residuals: expand with 1x1, filter depthwise, project back
 linearly (no activation on the bottleneck), identity shortcut where shapes
-match. Both take a width multiplier; layouts and counts follow timm's
-`mobilenetv1_100` and torchvision's `mobilenet_v2`.
+match. Both take a width multiplier; layouts, counts and activations follow
+timm's `mobilenetv1_100` and torchvision's `mobilenet_v2`: ReLU6 in both (the
+v1 paper says ReLU; the reference code and its weights use ReLU6).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ _torch_norm = functools.partial(BatchNorm, momentum=0.9, epsilon=1e-5)
 
 MobileNetV1 = functools.partial(
     MobileConvNet, stages=MOBILENET_V1_STAGES, head_features=None, dropout=0.0,
-    padding="symmetric", activation=nn.relu, norm=_torch_norm, resolution=224)
+    padding="symmetric", activation=nn.relu6, norm=_torch_norm, resolution=224)
 
 MobileNetV2 = functools.partial(
     MobileConvNet, stages=MOBILENET_V2_STAGES, head_features=1280, head_min_width=1.0,
