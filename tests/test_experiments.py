@@ -12,7 +12,9 @@ import time
 import ml_collections
 import pytest
 
+import cnnjax
 from cnnjax.experiments import cli, kinds, scaling
+from cnnjax.experiments.kinds import degradation, efficientnet_scaling
 from cnnjax.experiments.sweep import read_status
 from cnnjax.train import default_config
 
@@ -25,6 +27,7 @@ PROMISED = {
     "degradation": ["training_error.png"],
     "depthwise": ["cost_ratio.json"],
     "efficientnet_scaling": ["grid_search.png", "accuracy_vs_flops.png"],
+    "finetune": ["pretrained.safetensors"],
     "zoo": [],
 }
 
@@ -68,6 +71,8 @@ def test_smoke_variant_runs_and_writes_what_it_promises(name, data_env, tmp_path
     assert path.exists() and path.stat().st_size > 0, promised
     if promised.endswith(".png"):
       assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    elif promised.endswith(".safetensors"):
+      assert "conv1.weight" in cnnjax.weights.read_safetensors(path)
     else:
       json.loads(path.read_text())
   if name == "quickstart":
@@ -159,22 +164,22 @@ def test_the_scaling_verdict_names_the_best_method_per_phi_and_the_real_flops_gr
       "resolution": [row("resolution", 1, 0.70, 2.5e6), row("resolution", 2, 0.90, 3.6e6)],
       "depth": [row("depth", 3, 0.99, 5e6)],  # no compound point at phi 3: not judged
   }
-  text = "\n".join(kinds.scaling_verdict(methods, row("base", 0, 0.6, 1.2e6)))
+  text = "\n".join(efficientnet_scaling.scaling_verdict(methods, row("base", 0, 0.6, 1.2e6)))
   assert "phi = 1: compound (80.0%); phi = 2: resolution (90.0%)." in text
   assert "at 1 of 2 phi values" in text
   assert "2.00x (phi = 1), 3.00x (phi = 2)" in text
-  assert kinds.scaling_verdict({"compound": [row("compound", 1, 0.8, 2e6)]}, None) == []
+  assert efficientnet_scaling.scaling_verdict({"compound": [row("compound", 1, 0.8, 2e6)]}, None) == []
 
 
 def test_the_degradation_verdict_judges_final_error_and_calls_near_ties_by_the_whole_curve():
-  worse = kinds.depth_verdict("Plain", "plain20", "plain56", [0.8, 0.2, 0.1, 0.0],
+  worse = degradation.depth_verdict("Plain", "plain20", "plain56", [0.8, 0.2, 0.1, 0.0],
                               [0.9, 0.7, 0.6, 0.5], tail=2, tolerance=0.01)
   assert "ends with training error 55.0% against 5.0%" in worse and "trains worse" in worse
-  better = kinds.depth_verdict("Residual", "resnet20", "resnet56", [0.9, 0.5, 0.3],
+  better = degradation.depth_verdict("Residual", "resnet20", "resnet56", [0.9, 0.5, 0.3],
                                [0.9, 0.4, 0.1], tail=1, tolerance=0.01)
   assert better.endswith("the deeper network trains better.")
   # Both fit the data (0.2% against 0.1%): a tie, called by the mean error over the run.
-  tie = kinds.depth_verdict("Residual", "resnet20", "resnet56", [0.8, 0.2, 0.001],
+  tie = degradation.depth_verdict("Residual", "resnet20", "resnet56", [0.8, 0.2, 0.001],
                             [0.8, 0.4, 0.002], tail=1, tolerance=0.01)
   assert "no difference at the end of this budget" in tie
   assert "40.1% against 33.4%" in tie and tie.endswith("converged slower.")

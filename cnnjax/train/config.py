@@ -74,6 +74,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer.decay_rate = 0.97
   c.optimizer.final_fraction = 0.0
 
+  # Fine-tuning: start from pretrained weights instead of a random init (any source
+  # cnnjax.load_weights reads: .safetensors, .pth, .npz in torchvision's or timm's names).
+  # A classifier for another number of classes is initialised afresh. On resume the
+  # run's own checkpoints win.
+  c.init_from = config_dict.placeholder(str)
+  # With init_from: train the classifier only. The body keeps its loaded weights and runs
+  # in inference mode (BatchNorm with the loaded statistics, no dropout).
+  c.freeze_body = False
+
   c.label_smoothing = 0.0
   c.aux_loss_weight = 0.3
   c.ema_decay = 0.0  # > 0 keeps an EMA of weights and BN statistics and evaluates it
@@ -124,6 +133,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.num_epochs must be positive, got {config.num_epochs}")
   if not 0 <= config.ema_decay < 1:
     raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
+  if config.freeze_body and not config.init_from:
+    raise ValueError("config.freeze_body trains only the classifier of pretrained weights; set "
+                     "config.init_from to a weights file, or leave freeze_body False")
 
 
 def with_overrides(base: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:

@@ -100,6 +100,7 @@ class _Run:
   """Everything built from the config before the first step."""
 
   model: Any
+  num_classes: int
   train_batches: data_lib.TrainBatches
   eval_batches: data_lib.EvalBatches
   image_shape: tuple
@@ -172,17 +173,23 @@ def build(config: ml_collections.ConfigDict) -> _Run:
       weight_decay=o.weight_decay, weight_decay_mode=o.weight_decay_mode, momentum=o.momentum,
       nesterov=o.nesterov, rms_decay=o.rms_decay, eps=o.eps, b1=o.b1, b2=o.b2,
       trust_coefficient=o.trust_coefficient, clip_norm=o.clip_norm)
+  trainable = None
+  if config.freeze_body:
+    from cnnjax import weights  # noqa: PLC0415
+
+    heads = weights.head_paths(config.model, num_classes, **config_lib.model_overrides(config))
+    trainable = tuple(sorted(path[1:] for path in heads if path[0] == "params"))
   step_config = steps.StepConfig(label_smoothing=config.label_smoothing,
                                  aux_loss_weight=config.aux_loss_weight,
                                  weight_decay_mode=o.weight_decay_mode, ema_decay=config.ema_decay,
-                                 ghost_batch_norm=config.ghost_batch_norm)
+                                 ghost_batch_norm=config.ghost_batch_norm, trainable=trainable)
   image_shape = (image_size, image_size, channels)
   # The steps close over the model, optimizer and schedule: all of them come from the
   # config and these numbers derived from the dataset.
   step_description = {"config": config.to_dict(), "num_classes": num_classes,
                       "image_shape": image_shape, "total_steps": total_steps,
                       "steps_per_epoch": steps_per_epoch}
-  return _Run(model=model, train_batches=train_batches,
+  return _Run(model=model, num_classes=num_classes, train_batches=train_batches,
               eval_batches=eval_batches, image_shape=image_shape,
               total_steps=total_steps, steps_per_epoch=steps_per_epoch, eval_every=eval_every,
               schedule=schedule, tx=tx, step_config=step_config,
@@ -217,6 +224,10 @@ class _Devices:
       split = {k: v.reshape((self.local_devices, -1) + v.shape[1:])
                for k, v in batch.items() if k in ("image", "label", "mask")}
       yield split, get_state()
+
+  def replicated_from_host(self, tree):
+    """Host arrays (the same in every process) as replicated global arrays."""
+    return jax.tree.map(lambda x: self._replicate(np.asarray(x)), tree)
 
   def to_steps(self, state):
     """The canonical (replicated global) state in the form the steps take."""
@@ -349,6 +360,23 @@ def evaluate_checkpoint(workdir: str | os.PathLike, which: str = "best",
   return {"step": step, **metrics}
 
 
+def _start_from_weights(state: steps.TrainState, run: _Run, config, devices: _Devices):
+  """`state` with the pretrained variables of `config.init_from` (and a fresh optimizer state)."""
+  from cnnjax import weights  # noqa: PLC0415
+
+  variables = weights.load_weights(config.model, config.init_from, num_classes=run.num_classes,
+                                   seed=config.seed, **config_lib.model_overrides(config))
+  variables = devices.replicated_from_host(
+      {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})})
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  opt_state = jax.jit(run.tx.init, out_shardings=devices.replicated)(params)
+  ema = state.ema_params is not None
+  log.info("initialised from %s", config.init_from)
+  return state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state,
+                       ema_params=params if ema else None,
+                       ema_batch_stats=batch_stats if ema else None)
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                         held: lease_lib.Lease | None) -> dict:
   _check_or_write_config(config, workdir)
@@ -372,6 +400,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     if extra.get("config", {}).get("data.num_workers") != config.data.num_workers:
       data_state = None  # grain's state has another form with other workers: resume by step
     log.info("resumed from step %d in %s", step, workdir)
+  elif config.init_from:
+    state = _start_from_weights(state, run, config, devices)
   start_step = int(jax.device_get(state.step))
 
   writer = MetricWriter(workdir, run.total_steps, config.batch_size, start_step,

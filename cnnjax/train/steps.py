@@ -57,6 +57,17 @@ class StepConfig:
   weight_decay_mode: str = "decoupled"
   ema_decay: float = 0.0
   ghost_batch_norm: bool = False
+  # The parameter paths that train, when only some do (config.freeze_body); the others stay
+  # as they are and their part of the network runs in inference mode.
+  trainable: tuple[tuple[str, ...], ...] | None = None
+
+
+def _trainable_only(tree, trainable):
+  """`tree` (params-shaped) with zeros outside `trainable`: XLA then drops their gradients."""
+  if trainable is None:
+    return tree
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x if tuple(k.key for k in path) in trainable else jnp.zeros_like(x), tree)
 
 
 def create_state(model: nn.Module, tx: optax.GradientTransformation, image_shape, seed: int,
@@ -117,9 +128,12 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
   images, labels = batch["image"], batch["label"]
   weight_decay = state.opt_state.hyperparams["weight_decay"]
 
+  # A frozen body runs in inference mode: its BatchNorm statistics stay as loaded.
+  training = config.trainable is None
+
   def loss_fn(params):
     outputs, mutated = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
-                                   train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+                                   train=training, mutable=["batch_stats"], rngs={"dropout": rng})
     logits, aux = _split_outputs(outputs)
     num_classes = logits.shape[-1]
     data_loss = cross_entropy(logits, labels, num_classes, config.label_smoothing).mean()
@@ -129,7 +143,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
                                                      config.label_smoothing).mean()
     if config.weight_decay_mode == "coupled":
       loss += optim.l2_penalty(params, weight_decay)
-    return loss, (logits, mutated.get("batch_stats", {}), data_loss)
+    return loss, (logits, mutated.get("batch_stats", state.batch_stats), data_loss)
 
   dynamic_scale, finite = state.dynamic_scale, None
   if dynamic_scale is not None:
@@ -143,7 +157,10 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
       grads = jax.lax.pmean(grads, axis_name)
   if axis_name is not None and config.ghost_batch_norm:
     batch_stats = jax.lax.pmean(batch_stats, axis_name)
+  grads = _trainable_only(grads, config.trainable)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  # Decoupled weight decay would still move frozen weights: their updates are zeroed too.
+  updates = _trainable_only(updates, config.trainable)
   params = optax.apply_updates(state.params, updates)
   if finite is not None:  # a float16 overflow: keep the old values, the scale has backed off
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
