@@ -83,6 +83,48 @@ def test_gratings_are_deterministic_balanced_and_need_resolution():
   assert kept == sorted(kept, reverse=True) and kept[0] > 0.7 and kept[-1] < 0.5 * kept[0]
 
 
+def test_scenes_encode_the_relation_coarsely_and_the_texture_finely():
+  classes = builders.SCENE_CLASSES
+  assert len(classes) == 24
+  labels = [int(np.random.default_rng([0, 0, i]).integers(24)) for i in range(2400)]
+  assert min(np.bincount(labels, minlength=24)) > 60
+  for seed in range(200):
+    label = seed % 24
+    layout = builders.scene_layout(label, np.random.default_rng(seed))
+    relation = builders.SCENE_RELATIONS[label // len(builders.SCENE_TEXTURES)]
+    (disc_y, disc_x), (square_y, square_x) = layout["disc"], layout["square"]
+    assert ("left" in relation) == (disc_x < square_x) and ("above" in relation) == (disc_y < square_y)
+    assert min(abs(disc_x - square_x), abs(disc_y - square_y)) >= builders.SCENE_MIN_OFFSET
+    assert all(0.15 < v < 0.85 for v in (disc_y, disc_x, square_y, square_x))
+
+  def dominant_cycles(label, seed, resolution=64):
+    """The strongest frequency (cycles per image) of a rendered scene, without the background."""
+    image = builders.render_scene(resolution, label, np.random.default_rng(seed)).mean(-1)
+    spectrum = np.abs(np.fft.fft2(image - image.mean()))
+    spectrum[:4, :4] = spectrum[-4:, :4] = spectrum[:4, -4:] = spectrum[-4:, -4:] = 0
+    fy, fx = np.unravel_index(np.argmax(spectrum), spectrum.shape)
+    fy, fx = min(fy, resolution - fy), min(fx, resolution - fx)
+    return float(np.hypot(fy, fx)), fy > fx
+
+  for texture, name in enumerate(builders.SCENE_TEXTURES):
+    band, family = divmod(texture, 2)
+    found = [dominant_cycles(texture, seed) for seed in range(6)]
+    cycles = builders.SCENE_TEXTURE_CYCLES[band]
+    assert all(abs(c - cycles) < 0.15 * cycles for c, _ in found), (name, found)
+    assert all(vertical_wave == (family == 0) for _, vertical_wave in found), name
+  np.testing.assert_array_equal(builders.render_scene(32, 5, np.random.default_rng(1)),
+                                builders.render_scene(32, 5, np.random.default_rng(1)))
+
+
+def test_a_small_scenes_config_prepares(tmp_path):
+  config = builders.ScenesConfig(name="test32px", resolution=32, train_size=24, test_size=8)
+  builder = builders.Scenes(config=config, data_dir=str(tmp_path), file_format="array_record")
+  builder.download_and_prepare()
+  source = builder.as_data_source(split="train")
+  assert len(source) == 24 and source[0]["image"].shape == (32, 32, 3)
+  assert builder.info.features["label"].num_classes == 24
+
+
 def test_a_custom_gratings_config_prepares_and_a_second_use_finds_it(tmp_path):
   config = builders.GratingsConfig(name="test12px", resolution=12, train_size=30, test_size=10)
   builder = builders.Gratings(config=config, data_dir=str(tmp_path), file_format="array_record")

@@ -9,11 +9,13 @@ import subprocess
 import sys
 import time
 
+import jax
 import ml_collections
+import numpy as np
 import pytest
 
 import cnnjax
-from cnnjax.experiments import cli, kinds, scaling
+from cnnjax.experiments import cli, common, kinds, scaling
 from cnnjax.experiments.kinds import degradation, efficientnet_scaling
 from cnnjax.experiments.sweep import read_status
 from cnnjax.train import default_config
@@ -171,22 +173,38 @@ def test_the_scaling_verdict_names_the_best_method_per_phi_and_the_real_flops_gr
   assert efficientnet_scaling.scaling_verdict({"compound": [row("compound", 1, 0.8, 2e6)]}, None) == []
 
 
-def test_the_degradation_verdict_judges_final_error_and_calls_near_ties_by_the_whole_curve():
-  worse = degradation.depth_verdict("Plain", "plain20", "plain56", [0.8, 0.2, 0.1, 0.0],
-                              [0.9, 0.7, 0.6, 0.5], tail=2, tolerance=0.01)
-  assert "ends with training error 55.0% against 5.0%" in worse and "trains worse" in worse
-  better = degradation.depth_verdict("Residual", "resnet20", "resnet56", [0.9, 0.5, 0.3],
-                               [0.9, 0.4, 0.1], tail=1, tolerance=0.01)
+def test_the_degradation_verdict_needs_a_gap_beyond_both_spreads():
+  worse = degradation.depth_verdict("Plain", "plain20", "plain56", [0.10, 0.12, 0.11],
+                                    [0.20, 0.22, 0.19])
+  assert worse.endswith("the deeper network trains worse.")
+  assert "20.33% ± 1.53 against 11.00% ± 1.00 for plain20" in worse
+  better = degradation.depth_verdict("Residual", "resnet20", "resnet56", [0.10, 0.12, 0.11],
+                                     [0.05, 0.04, 0.06])
   assert better.endswith("the deeper network trains better.")
-  # Both fit the data (0.2% against 0.1%): a tie, called by the mean error over the run.
-  tie = degradation.depth_verdict("Residual", "resnet20", "resnet56", [0.8, 0.2, 0.001],
-                            [0.8, 0.4, 0.002], tail=1, tolerance=0.01)
-  assert "no difference at the end of this budget" in tie
-  assert "40.1% against 33.4%" in tie and tie.endswith("converged slower.")
+  # A gap smaller than one model's spread is no verdict.
+  tie = degradation.depth_verdict("Residual", "resnet20", "resnet56", [0.10, 0.12, 0.11],
+                                  [0.02, 0.10, 0.18])
+  assert tie.endswith("no difference beyond the seeds' spread.")
+  one = degradation.depth_verdict("Plain", "plain20", "plain56", [0.1], [0.3])
+  assert "needs at least two" in one
+
+
+def test_plateau_change_reads_a_falling_and_a_flat_loss():
+  steps = list(range(1, 101))
+  falling = [2.0 - 0.015 * s for s in steps]
+  flat = [0.5 + 0.001 * ((-1) ** s) for s in steps]
+  assert common.plateau_change(steps, falling) > 0.1
+  assert abs(common.plateau_change(steps, flat)) < 0.01
+  assert common.plateau_change(steps[:5], flat[:5]) is None
+  assert common.compare([0.2, 0.21, 0.19], [0.1, 0.11, 0.09]) == "higher"
+  assert common.compare([0.1, 0.11], [0.2, 0.21]) == "lower"
+  assert common.compare([0.1, 0.5], [0.2, 0.21]) == "tie"
+  with pytest.raises(ValueError, match="distinct seeds"):
+    common.with_seeds([], (1, 1))
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("tie_tolerance", -0.1, r"tie_tolerance is a difference of error rates in \[0, 1\), got -0.1"),
+    ("seeds", (3, 3), r"config.seeds must be distinct seeds"),
     ("curve_tail", 0, r"curve_tail must be >= 1 logged window, got 0"),
 ])
 def test_bad_degradation_settings_fail_before_anything_trains(key, value, message, tmp_path):
@@ -274,3 +292,37 @@ def test_bad_trials_and_foreign_workdirs_are_clear_errors_that_keep_the_results(
   degradation = f"--config={CONFIGS / 'degradation.py'}:smoke"
   assert _run([degradation, f"--workdir={tmp_path / 'sweep'}", "--trial=7"]) == 2
   assert "--trial 7 does not exist" in capsys.readouterr().err
+
+
+def test_finetune_from_a_weights_file_on_an_image_folder(tmp_path, capsys):
+  """The user's path: their own weights (1000 classes) and a folder of images (2 classes)."""
+  from PIL import Image
+
+  root = tmp_path / "pets"
+  rng = np.random.default_rng(0)
+  for split, count in (("train", 8), ("test", 4)):
+    for label in ("cat", "dog"):
+      (root / split / label).mkdir(parents=True)
+      for i in range(count):
+        pixels = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+  model = cnnjax.create_model("resnet18", width=4)
+  variables = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))
+  weights_path = cnnjax.save_weights("resnet18", variables, tmp_path / "imagenet.safetensors",
+                                     width=4)
+  workdir = tmp_path / "run"
+  assert _run([f"--config={CONFIGS / 'finetune.py'}:smoke", f"--workdir={workdir}",
+               f"--config.init_from={weights_path}",
+               f"--config.train.data.dataset=folder:{root}",
+               f"--config.train.data.data_dir={tmp_path / 'tfds'}",
+               "--config.train.data.mean=(0.5, 0.5, 0.5)",
+               "--config.train.data.std=(0.25, 0.25, 0.25)", "--config.train.batch_size=8"]) == 0
+  rows = _rows(workdir)
+  assert [r["name"] for r in rows] == ["finetune", "linear_probe", "scratch"]
+  assert all(r["status"] == "done" for r in rows)
+  assert not (workdir / "pretrained.safetensors").exists()  # the given file, no pretraining
+  assert f"Weights: `{weights_path}`" in (workdir / "report.md").read_text()
+  # A weights file that is not there fails before anything trains.
+  assert _run([f"--config={CONFIGS / 'finetune.py'}:smoke", f"--workdir={tmp_path / 'other'}",
+               f"--config.init_from={tmp_path / 'absent.pth'}"]) == 2
+  assert "no weights file" in capsys.readouterr().err

@@ -9,7 +9,8 @@ each, and on random 128 px images in eval mode:
 - in float32 they equal PyTorch's to 1e-4 of the largest logit, or, where the
   random network amplifies rounding so much that PyTorch's own float32 logits
   are further than that from its float64 ones, cnnjax's float32 logits are no
-  further from the float64 ones than PyTorch's (within 2x).
+  further from the float64 ones than PyTorch's (within 4x: two float32
+  implementations that sum in different orders).
 
 Then `save_weights` writes cnnjax's variables back and PyTorch, loading them
 strictly, gives the same logits again.
@@ -69,7 +70,7 @@ def test_full_size_logits_equal_pytorch(name, tmp_path):
     variables = weights.load_weights(name, tmp_path / source)
     got = np.asarray(apply(variables, images))
     error, rounding = _relative_error(got, want), _relative_error(got, exact)
-    assert error < TOLERANCE or rounding <= 2 * torch_rounding, (
+    assert error < TOLERANCE or rounding <= 4 * torch_rounding, (
         f"{name} from {source}: {error:.2e} of the largest logit from PyTorch's; from the float64 "
         f"logits cnnjax {rounding:.2e}, PyTorch {torch_rounding:.2e}")
   with jax.enable_x64(True):

@@ -7,10 +7,13 @@ import pathlib
 import time
 from collections.abc import Callable
 
+import numpy as np
+
 from cnnjax import analysis, registry
 from cnnjax.experiments import reports
 from cnnjax.experiments.sweep import Trial
 from cnnjax.train.config import model_overrides
+from cnnjax.train.logs import read_metrics
 
 
 def num_classes(train_config) -> int:
@@ -64,3 +67,72 @@ def fmt_pct(value) -> str:
 def config_trials(config) -> list[Trial]:
   """The trials a sweep config lists: `config.trials`, each {name, overrides[, info]}."""
   return [Trial(t["name"], dict(t["overrides"]), dict(t.get("info", {}))) for t in config.trials]
+
+
+# -- seeds and convergence ---------------------------------------------------------------------
+
+
+def with_seeds(trials: list[Trial], seeds) -> list[Trial]:
+  """Every trial once per seed: `<name>-s<seed>`, the seed in its overrides and info."""
+  seeds = tuple(seeds)
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ValueError(f"config.seeds must be distinct seeds, at least one, got {seeds}")
+  return [Trial(f"{t.name}-s{seed}", {**t.overrides, "seed": seed},
+                {**t.info, "point": t.name, "seed": seed})
+          for t in trials for seed in seeds]
+
+
+def train_curve(directory: pathlib.Path) -> dict[str, list[float]]:
+  """A trial's logged training windows: step, loss (without weight decay) and error."""
+  path = directory / "metrics.jsonl"
+  records = [r for r in read_metrics(path) if r["split"] == "train"] if path.exists() else []
+  return {"step": [r["step"] for r in records], "loss": [r["data_loss"] for r in records],
+          "error": [1.0 - r["accuracy"] for r in records]}
+
+
+# A run has plateaued when its training loss changed by less than this over its last 20%.
+PLATEAU_CHANGE = 0.02
+PLATEAU_FRACTION = 0.2
+
+
+def plateau_change(steps, losses, fraction: float = PLATEAU_FRACTION) -> float | None:
+  """Relative change of the training loss over the last `fraction` of the run.
+
+  The loss at the start of that stretch and at its end are each the mean of
+  the logged windows in a tenth of the run around them, so batch noise does not
+  read as progress. None when too few windows were logged to tell.
+  """
+  if len(steps) < 10:
+    return None
+  steps, losses = np.asarray(steps, float), np.asarray(losses, float)
+  total = steps[-1]
+  width = 0.1 * total
+
+  def around(at):
+    window = losses[np.abs(steps - at) <= width / 2]
+    return float(window.mean()) if window.size else None
+
+  start, end = around(total * (1 - fraction)), around(total - width / 2)
+  if start is None or end is None or end <= 0:
+    return None
+  return (start - end) / end
+
+
+def spread(values) -> tuple[float | None, float | None]:
+  """Mean and sample standard deviation (None for fewer than one / two values)."""
+  values = [v for v in values if v is not None]
+  if not values:
+    return None, None
+  mean = float(np.mean(values))
+  return mean, (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
+def compare(a: list[float], b: list[float]) -> str:
+  """"higher", "lower" or "tie": a against b, decided only where the gap exceeds both spreads."""
+  (mean_a, std_a), (mean_b, std_b) = spread(a), spread(b)
+  if mean_a is None or mean_b is None or std_a is None or std_b is None:
+    return "tie"
+  gap = mean_a - mean_b
+  if abs(gap) > std_a and abs(gap) > std_b:
+    return "higher" if gap > 0 else "lower"
+  return "tie"

@@ -63,15 +63,25 @@ def _pyplot():
 
 
 def plot_lines(path: pathlib.Path, series: dict[str, tuple[Sequence[float], Sequence[float]]],
-               xlabel: str, ylabel: str, title: str, logx: bool = False) -> None:
+               xlabel: str, ylabel: str, title: str, logx: bool = False,
+               logy: bool = False) -> None:
+  """One line per series; a label starting with "_" continues the previous series' colour
+  without a legend entry (several seeds of one model)."""
   plt = _pyplot()
   figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+  color = None
   for label, (xs, ys) in series.items():
     pairs = sorted((x, y) for x, y in zip(xs, ys) if x is not None and y is not None)
     if pairs:
-      axes.plot([p[0] for p in pairs], [p[1] for p in pairs], marker="o", label=label)
+      style = {"marker": "o"} if len(pairs) <= 20 else {"linewidth": 1.0}
+      if label.startswith("_") and color is not None:
+        style["color"] = color
+      (line,) = axes.plot([p[0] for p in pairs], [p[1] for p in pairs], label=label, **style)
+      color = line.get_color()
   if logx:
     axes.set_xscale("log")
+  if logy:
+    axes.set_yscale("log")
   axes.set_xlabel(xlabel)
   axes.set_ylabel(ylabel)
   axes.set_title(title)

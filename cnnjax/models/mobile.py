@@ -102,6 +102,10 @@ class MobileConvNet(nn.Module):
   head_features: int | None = 1280
   # The head is scaled by max(width, head_min_width) (MobileNet v2 never shrinks it).
   head_min_width: float = 0.0
+  # Channels are rounded to multiples of this (8 in every reference). A small network scaled
+  # in fine steps (a compound-scaling sweep at width 0.25) needs a finer grid to follow its
+  # coefficients: 1 rounds to the nearest channel.
+  channel_divisor: int = 8
   dropout: float = 0.2
   drop_path: float = 0.0
   separable: bool = True
@@ -121,6 +125,8 @@ class MobileConvNet(nn.Module):
       value = getattr(self, name)
       if not value > 0:
         raise ValueError(f"{name} multiplier must be positive, got {value!r}")
+    if not (isinstance(self.channel_divisor, int) and self.channel_divisor >= 1):
+      raise ValueError(f"channel_divisor must be a positive integer, got {self.channel_divisor!r}")
     for name in ("dropout", "drop_path"):
       value = getattr(self, name)
       if not 0.0 <= value < 1.0:
@@ -131,7 +137,7 @@ class MobileConvNet(nn.Module):
   @property
   def blocks(self) -> list[blockspec.BlockSpec]:
     return blockspec.expand_stages(self.stages, self.stem_features, self.width, self.depth,
-                                   self.drop_path)
+                                   self.drop_path, divisor=self.channel_divisor)
 
   @property
   def input_size(self) -> int:
@@ -152,7 +158,7 @@ class MobileConvNet(nn.Module):
                              dtype=self.dtype, param_dtype=self.param_dtype)
     norm = functools.partial(self.norm, dtype=self.dtype, param_dtype=self.param_dtype)
     blocks = self.blocks
-    x = conv(blockspec.round_filters(self.stem_features, self.width), (3, 3), 2,
+    x = conv(blockspec.round_filters(self.stem_features, self.width, self.channel_divisor), (3, 3), 2,
              padding=_padding(self.padding, 3), name="stem")(x)
     x = self.activation(norm(name="bn_stem")(x, use_running_average=not train))
     for index, spec in enumerate(blocks):
@@ -163,7 +169,8 @@ class MobileConvNet(nn.Module):
                                self.activation, self.padding, name=f"block{index}")
       x = block(x, train)
     if self.head_features:
-      head = blockspec.round_filters(self.head_features, max(self.width, self.head_min_width))
+      head = blockspec.round_filters(self.head_features, max(self.width, self.head_min_width),
+                                     self.channel_divisor)
       x = conv(head, (1, 1), padding="VALID", name="head")(x)
       x = self.activation(norm(name="bn_head")(x, use_running_average=not train))
     x = common.global_avg_pool(x)

@@ -1,92 +1,135 @@
-"""`degradation`: plain against residual networks of two depths (He et al. 2016)."""
+"""`degradation`: plain against residual networks of two depths (He et al. 2016), over seeds.
+
+He et al.'s two claims: a deeper plain network trains worse than a shallower
+one (degradation), and with identity shortcuts the deeper one trains better.
+Every model trains once per seed in `config.seeds`; a trial's final training
+error is the mean of its last `curve_tail` logged windows. A family's verdict
+says "worse" or "better" only where the mean final errors differ by more than
+both models' standard deviations over the seeds. Each trial's training loss
+is checked for a plateau (under 2% relative change over the last 20% of the
+run): the report says which trials were still improving when they stopped.
+"""
 
 from __future__ import annotations
 
-import pathlib
 from collections.abc import Sequence
 
 from cnnjax.experiments import common, reports
 from cnnjax.experiments.kinds import register
 from cnnjax.experiments.sweep import Trial, run_sweep, summary_rows, trial_dir
-from cnnjax.train.logs import read_metrics
 
-DEGRADATION_COLUMNS = ["trial", "name", "model", "params", "flops", "final_train_error",
-                       "test_error", "accuracy", "train_seconds", "status", "error"]
+TRIAL_COLUMNS = ["trial", "name", "model", "seed", "params", "flops", "final_train_error",
+                 "final_train_loss", "loss_change_last_20pct", "plateaued", "test_error",
+                 "accuracy", "train_seconds", "status", "error"]
+MODEL_COLUMNS = ["model", "seeds", "train_error_mean", "train_error_std", "test_error_mean",
+                 "test_error_std", "plateaued"]
 
 
-def _train_curve(directory: pathlib.Path) -> tuple[list[int], list[float]]:
-  path = directory / "metrics.jsonl"
-  if not path.exists():
-    return [], []
-  records = [r for r in read_metrics(path) if r["split"] == "train"]
-  return [r["step"] for r in records], [1.0 - r["accuracy"] for r in records]
+def _depth(model: str) -> int:
+  digits = "".join(c for c in model if c.isdigit())
+  return int(digits) if digits else 0
+
+
+def _check(config) -> None:
+  if config.curve_tail < 1:
+    raise ValueError(f"curve_tail must be >= 1 logged window, got {config.curve_tail}")
+  if not config.models:
+    raise ValueError("config.models is empty")
+  common.with_seeds([], config.seeds)
 
 
 @register("degradation")
 def run(config, workdir, trial, command) -> dict:
-  if config.curve_tail < 1:
-    raise ValueError(f"curve_tail must be >= 1 logged window, got {config.curve_tail}")
-  if not 0.0 <= config.tie_tolerance < 1.0:
-    raise ValueError(f"tie_tolerance is a difference of error rates in [0, 1), got "
-                     f"{config.tie_tolerance}")
+  _check(config)
   num_classes = common.num_classes(config.train)
-  trials = [Trial(name, {"model": name}, {"depth": int(name[-2:]) if name[-2:].isdigit() else 0})
+  models = [Trial(name, {"model": name}, {"model": name, "depth": _depth(name)})
             for name in config.models]
+  trials = common.with_seeds(models, config.seeds)
   records = run_sweep(config.train, workdir, trials, trial, common.measurer(num_classes))
-  curves = {t.name: _train_curve(trial_dir(workdir, i, t)) for i, t in enumerate(trials)}
-  rows = summary_rows(records, DEGRADATION_COLUMNS + ["train_accuracy"])
-  tail = config.curve_tail
+  curves = {t.name: common.train_curve(trial_dir(workdir, i, t)) for i, t in enumerate(trials)}
+  rows = summary_rows(records, TRIAL_COLUMNS + ["point"])
   for row in rows:
-    _, errors = curves[row["name"]]
-    row["final_train_error"] = final_error(errors, tail) if errors else None
+    curve = curves[row["name"]]
+    finished = row["status"] == "done" and curve["error"]
+    row["final_train_error"] = final_error(curve["error"], config.curve_tail) if finished else None
+    row["final_train_loss"] = final_error(curve["loss"], config.curve_tail) if finished else None
+    change = common.plateau_change(curve["step"], curve["loss"]) if finished else None
+    row["loss_change_last_20pct"] = change
+    row["plateaued"] = None if change is None else abs(change) < common.PLATEAU_CHANGE
     row["test_error"] = None if row["accuracy"] is None else 1 - row["accuracy"]
-  reports.plot_lines(workdir / "training_error.png",
-                     curves,
-                     "step", "training error (augmented batches)",
-                     "Plain against residual networks")
-  by_name = {r["name"]: r for r in rows}
-  sections = ["![training error](training_error.png)", ""]
 
-  def verdict(shallow, deep, family):
-    a, b = by_name.get(shallow), by_name.get(deep)
-    if not a or not b or a["final_train_error"] is None or b["final_train_error"] is None:
-      return f"{family}: not all trials finished."
-    return depth_verdict(family, shallow, deep, curves[shallow][1], curves[deep][1], tail,
-                         config.tie_tolerance)
-
-  plain = sorted((m for m in config.models if m.startswith("plain")), key=lambda m: int(m[5:]))
-  residual = sorted((m for m in config.models if m.startswith("resnet")), key=lambda m: int(m[6:]))
-  if len(plain) >= 2:
-    sections.append("- " + verdict(plain[0], plain[-1], "Plain"))
-  if len(residual) >= 2:
-    sections.append("- " + verdict(residual[0], residual[-1], "Residual"))
-  sections += ["", f"Training error is the mean over the last {tail} logged windows of "
-               "training batches."]
-  return common.finish(workdir, f"{config.name}: {config.description}", rows, DEGRADATION_COLUMNS,
-                 sections, command)
+  per_model = model_table(rows, config.models)
+  _plot(workdir, config.models, rows, curves)
+  sections = ["![training error](training_error.png)", "", "![training loss](training_loss.png)",
+              "", f"## Over {len(tuple(config.seeds))} seeds", "",
+              reports.markdown_table(per_model, MODEL_COLUMNS), ""]
+  for family, prefix in (("Plain", "plain"), ("Residual", "resnet")):
+    members = sorted((m for m in config.models if m.startswith(prefix)), key=_depth)
+    if len(members) >= 2:
+      sections.append("- " + depth_verdict(family, members[0], members[-1], *(
+          [r["final_train_error"] for r in rows if r["point"] == m] for m in (members[0], members[-1]))))
+  stalled = [r["name"] for r in rows if r["plateaued"] is False]
+  sections += ["", f"A trial's training error is the mean over its last {config.curve_tail} logged "
+               "windows of training batches. " + (
+                   f"Still improving at the end (loss changed by {100 * common.PLATEAU_CHANGE:g}% "
+                   f"or more over the last 20% of the run): {', '.join(stalled)}."
+                   if stalled else "Every finished trial's training loss had plateaued "
+                   f"(under {100 * common.PLATEAU_CHANGE:g}% change over the last 20% of the run).")]
+  return common.finish(workdir, f"{config.name}: {config.description}", rows, TRIAL_COLUMNS,
+                       sections, command)
 
 
-def final_error(errors: Sequence[float], tail: int) -> float:
-  """The training error a run ends with: the mean of its last `tail` logged windows."""
-  return sum(errors[-tail:]) / len(errors[-tail:])
+def final_error(values: Sequence[float], tail: int) -> float:
+  """What a run ends with: the mean of its last `tail` logged windows."""
+  return sum(values[-tail:]) / len(values[-tail:])
 
 
-def depth_verdict(family: str, shallow: str, deep: str, shallow_errors: list[float],
-                  deep_errors: list[float], tail: int, tolerance: float) -> str:
-  """Whether the deeper network of a family trains worse, in one sentence.
+def model_table(rows: list[dict], models: Sequence[str]) -> list[dict]:
+  """Mean and standard deviation over seeds of each model's final training and test error."""
+  table = []
+  for model in models:
+    mine = [r for r in rows if r["point"] == model]
+    train_mean, train_std = common.spread([r["final_train_error"] for r in mine])
+    test_mean, test_std = common.spread([r["test_error"] for r in mine])
+    flags = [r["plateaued"] for r in mine if r["plateaued"] is not None]
+    table.append({"model": model, "seeds": sum(r["final_train_error"] is not None for r in mine),
+                  "train_error_mean": train_mean, "train_error_std": train_std,
+                  "test_error_mean": test_mean, "test_error_std": test_std,
+                  "plateaued": f"{sum(flags)}/{len(flags)}"})
+  return table
 
-  Judged on the final training error (`final_error`). Final errors within
-  `tolerance` of each other are a tie, and the sentence then compares the mean
-  training error over the whole run, which tells which network converged faster.
-  """
-  final_shallow, final_deep = final_error(shallow_errors, tail), final_error(deep_errors, tail)
-  ends = (f"{family}: the deeper {deep} ends with training error {common.fmt_pct(final_deep)} against "
-          f"{common.fmt_pct(final_shallow)} for {shallow}")
-  if abs(final_deep - final_shallow) > tolerance:
-    return f"{ends} — the deeper network trains {'worse' if final_deep > final_shallow else 'better'}."
-  mean_shallow = sum(shallow_errors) / len(shallow_errors)
-  mean_deep = sum(deep_errors) / len(deep_errors)
-  pace = "faster" if mean_deep < mean_shallow else "slower"
-  return (f"{ends}, within {common.fmt_pct(tolerance)}: no difference at the end of this budget. Over "
-          f"the whole run the mean training error is {common.fmt_pct(mean_deep)} against "
-          f"{common.fmt_pct(mean_shallow)}, so the deeper network converged {pace}.")
+
+def depth_verdict(family: str, shallow: str, deep: str, shallow_finals: list,
+                  deep_finals: list) -> str:
+  """Whether the deeper network of a family trains worse, judged against the seeds' spread."""
+  (mean_s, std_s), (mean_d, std_d) = (common.spread(shallow_finals),
+                                      common.spread(deep_finals))
+  if mean_s is None or mean_d is None:
+    return f"{family}: not all trials finished."
+  if std_s is None or std_d is None:
+    return f"{family}: one seed each; a verdict needs at least two per model."
+
+  def pct(mean, std):
+    return f"{100 * mean:.2f}% ± {100 * std:.2f}"
+
+  ends = (f"{family}: the deeper {deep} ends with training error {pct(mean_d, std_d)} against "
+          f"{pct(mean_s, std_s)} for {shallow}")
+  outcome = common.compare(deep_finals, shallow_finals)
+  if outcome == "tie":
+    return f"{ends}: no difference beyond the seeds' spread."
+  return f"{ends}: the deeper network trains {'worse' if outcome == 'higher' else 'better'}."
+
+
+def _plot(workdir, models, rows, curves) -> None:
+  series_error, series_loss = {}, {}
+  for model in models:
+    names = [r["name"] for r in rows if r["point"] == model and curves[r["name"]]["step"]]
+    for index, name in enumerate(names):
+      label = model if index == 0 else f"_{name}"  # one legend entry per model
+      curve = curves[name]
+      series_error[label] = (curve["step"], curve["error"])
+      series_loss[label] = (curve["step"], curve["loss"])
+  reports.plot_lines(workdir / "training_error.png", series_error, "step",
+                     "training error (augmented batches)", "Plain against residual networks")
+  reports.plot_lines(workdir / "training_loss.png", series_loss, "step", "training loss",
+                     "Training loss of every seed", logy=True)
