@@ -133,3 +133,13 @@ def test_compute_dtype_is_separate_from_parameter_dtype():
   assert logits.dtype == jnp.bfloat16
   reference = jax.jit(cnnjax.create_model("resnet20").apply)(variables, x)
   np.testing.assert_allclose(np.asarray(logits, np.float32), reference, atol=0.1, rtol=0.1)
+
+
+def test_channel_divisor_rounds_every_width_to_its_grid():
+  coarse = cnnjax.create_model("efficientnet", width=0.3, depth=0.25)
+  fine = cnnjax.create_model("efficientnet", width=0.3, depth=0.25, channel_divisor=1)
+  assert {b.out_features % 8 for b in coarse.blocks} == {0}
+  # Nearest whole channel (never below 90%): 16 * 0.3 = 4.8 -> 5, 320 * 0.3 = 96.
+  assert [b.out_features for b in fine.blocks][0] == 5 and fine.blocks[-1].out_features == 96
+  with pytest.raises(ValueError, match="channel_divisor must be a positive integer"):
+    cnnjax.create_model("efficientnet", channel_divisor=0)

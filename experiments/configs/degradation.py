@@ -34,7 +34,8 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   t = train.default_config()
   t.data.dataset = "scenes/64px"
   t.data.image_size = 32
-  t.data.train_crop, t.data.pad, t.data.flip = "pad_crop", 2, True
+  # No flips: a mirrored scene swaps "left" and "right", another class.
+  t.data.train_crop, t.data.pad, t.data.flip = "pad_crop", 2, False
   t.data.mean, t.data.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
   t.model_overrides.widths = (8, 16, 32)
   t.batch_size = 128
