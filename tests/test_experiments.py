@@ -156,21 +156,42 @@ def test_single_dimension_scaling_meets_the_target_flops():
     assert [k for k, v in changed.items() if v] == [method]
 
 
-def test_the_scaling_verdict_names_the_best_method_per_phi_and_the_real_flops_growth():
-  def row(method, phi, accuracy, flops):
-    return {"method": method, "phi": phi, "accuracy": accuracy, "flops": flops}
-
-  methods = {
-      "compound": [row("compound", 1, 0.80, 2.4e6), row("compound", 2, 0.70, 3.6e6)],
-      "width": [row("width", 1, 0.75, 2.4e6), row("width", 2, None, 3.6e6)],  # failed trial
-      "resolution": [row("resolution", 1, 0.70, 2.5e6), row("resolution", 2, 0.90, 3.6e6)],
-      "depth": [row("depth", 3, 0.99, 5e6)],  # no compound point at phi 3: not judged
+def test_the_scaling_verdict_checks_the_premise_and_judges_against_the_spread():
+  by_method = {
+      "compound": {1: [0.80, 0.81, 0.79], 2: [0.70, 0.72, 0.71]},
+      "width": {1: [0.75, 0.76, 0.74], 2: []},  # failed trials: not judged
+      "resolution": {1: [0.55, 0.70, 0.85], 2: [0.90, 0.91, 0.92]},
+      "depth": {1: [0.60, 0.61, 0.59], 3: [0.99, 0.99, 0.99]},  # no compound at phi 3
   }
-  text = "\n".join(efficientnet_scaling.scaling_verdict(methods, row("base", 0, 0.6, 1.2e6)))
-  assert "phi = 1: compound (80.0%); phi = 2: resolution (90.0%)." in text
-  assert "at 1 of 2 phi values" in text
-  assert "2.00x (phi = 1), 3.00x (phi = 2)" in text
-  assert efficientnet_scaling.scaling_verdict({"compound": [row("compound", 1, 0.8, 2e6)]}, None) == []
+  base = [0.60, 0.605, 0.595]
+  text = "\n".join(efficientnet_scaling.scaling_verdict(by_method, base))
+  assert ("At phi = 1, width beats the base (75.0% against 60.0%); depth does not beat the base "
+          "(60.0% against 60.0%); resolution does not beat the base (70.0% against 60.0%).") in text
+  assert ("- phi = 1: compound (80.0%) beats width (75.0%), beats depth (60.0%), ties with "
+          "resolution (70.0%).") in text
+  assert "- phi = 2: compound (71.0%) loses to resolution (91.0%)." in text
+  assert "phi = 3" not in text
+  assert efficientnet_scaling.scaling_verdict({"compound": {1: [0.8]}}, []) == []
+
+
+def test_fitted_points_meet_their_flops_within_five_percent():
+  base = scaling.Base(width=0.25, depth=0.25, resolution=32)
+
+  def flops_of(point):
+    return cnnjax.flops(cnnjax.create_model("efficientnet", width=point.width, depth=point.depth,
+                                            channel_divisor=1),
+                        (point.resolution, point.resolution, 3))
+
+  base_flops = flops_of(scaling.compound_point(base, 1, 1, 1, 0))
+  for alpha, beta, gamma in ((1.0, 1.4, 1.0), (1.2, 1.1, 1.15), (1.4, 1.2, 1.0)):
+    nominal = scaling.compound_point(base, alpha, beta, gamma, 1.0)
+    fitted = scaling.fit_to_flops(base, alpha, beta, gamma, 1.0, 2 * base_flops, flops_of)
+    assert abs(flops_of(fitted) / (2 * base_flops) - 1) <= scaling.FLOPS_TOLERANCE
+    assert fitted.phi == 1.0 and fitted.exponent is not None
+    # The nominal point misses (the reason for fitting); the fit keeps the proportions.
+    assert (alpha, beta, gamma) == (fitted.alpha, fitted.beta, fitted.gamma)
+    if (alpha, beta, gamma) == (1.0, 1.4, 1.0):
+      assert flops_of(nominal) / base_flops < 1.7 and fitted.exponent > 1.2
 
 
 def test_the_degradation_verdict_needs_a_gap_beyond_both_spreads():
@@ -257,7 +278,7 @@ def test_an_interrupted_sweep_ends_with_the_same_table_and_trials_run_alone(data
   interrupted = tmp_path / "interrupted"
   proc = subprocess.Popen(_sweep_command(interrupted), env=env, cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  second = interrupted / "trials" / "001-resnet20"
+  second = interrupted / "trials" / "001-plain20-s1"
   deadline = time.time() + 300
   while not (second / "status.json").exists() and time.time() < deadline:
     assert proc.poll() is None
@@ -272,9 +293,9 @@ def test_an_interrupted_sweep_ends_with_the_same_table_and_trials_run_alone(data
   subprocess.run(_sweep_command(alone, "--trial=1"), env=env, cwd=REPO, check=True,
                  capture_output=True)
   rows = _rows(alone)
-  assert [r["status"] for r in rows] == ["pending", "done"]
+  assert [r["status"] for r in rows] == ["pending", "done", "pending", "pending"]
   assert rows[1]["accuracy"] == _rows(whole)[1]["accuracy"]
-  assert not (alone / "trials" / "000-plain20").exists()
+  assert not (alone / "trials" / "000-plain20-s0").exists()
 
 
 def test_bad_trials_and_foreign_workdirs_are_clear_errors_that_keep_the_results(data_env, tmp_path,

@@ -6,7 +6,7 @@
   labels live in fine detail (see `render_grating`), so input resolution pays.
 - `scenes`: procedural, with structure at three scales (see `render_scene`):
   a fine texture (resolution), the relative position of two far-apart objects
-  (receptive field, depth) and 24 classes of their combinations (width).
+  (receptive field, depth) and 36 classes of their combinations (width).
 
 Splits are fixed: a permutation of the source order by `np.random.default_rng(0)`,
 the first part train, the rest test (sizes in each builder's docstring). The
@@ -205,59 +205,75 @@ class Gratings(tfds.core.GeneratorBasedBuilder):
 
 # Texture periods in cycles across the image: at 64 px, periods of 2.4, 3.2 and 4.3 pixels.
 SCENE_TEXTURE_CYCLES = (26.7, 20.0, 15.0)
-SCENE_TEXTURE_ORIENTATIONS = ("horizontal", "vertical")
+SCENE_TEXTURE_ANGLES = (0, 60, 120)  # degrees of the wave vector from vertical
 SCENE_RELATIONS = ("disc-left-above", "disc-left-below", "disc-right-above", "disc-right-below")
-SCENE_TEXTURES = tuple(f"{cycles:g}cyc-{orientation}" for cycles in SCENE_TEXTURE_CYCLES
-                       for orientation in SCENE_TEXTURE_ORIENTATIONS)
+SCENE_TEXTURES = tuple(f"{cycles:g}cyc-{angle}deg" for cycles in SCENE_TEXTURE_CYCLES
+                       for angle in SCENE_TEXTURE_ANGLES)
 SCENE_CLASSES = tuple(f"{relation}/{texture}" for relation in SCENE_RELATIONS
                       for texture in SCENE_TEXTURES)
 # The smallest offset between the two objects' centres along each axis, in image widths.
 SCENE_MIN_OFFSET = 0.3
+SCENE_DISTRACTORS = 2
 
 
 def scene_layout(label: int, rng: np.random.Generator) -> dict:
   """The class's relation and texture, and random object centres that satisfy the relation."""
   relation, texture = divmod(label, len(SCENE_TEXTURES))
-  band, family = divmod(texture, len(SCENE_TEXTURE_ORIENTATIONS))
+  band, angle = divmod(texture, len(SCENE_TEXTURE_ANGLES))
   right, below = divmod(relation, 2)
   # Offsets of the square from the disc: the disc is left (right) of it, above (below) it.
   dx = rng.uniform(SCENE_MIN_OFFSET, 0.6) * (-1 if right else 1)
   dy = rng.uniform(SCENE_MIN_OFFSET, 0.6) * (-1 if below else 1)
   disc = np.array([rng.uniform(0.17 + max(0, -dy), 0.83 - max(0, dy)),
                    rng.uniform(0.17 + max(0, -dx), 0.83 - max(0, dx))])
-  return {"disc": disc, "square": disc + np.array([dy, dx]), "band": band, "family": family}
+  return {"disc": disc, "square": disc + np.array([dy, dx]), "band": band, "angle": angle}
+
+
+def _texture(y, x, band: int, angle: int, rng: np.random.Generator) -> np.ndarray:
+  cycles = SCENE_TEXTURE_CYCLES[band] * rng.uniform(0.95, 1.05)
+  theta = math.radians(SCENE_TEXTURE_ANGLES[angle] + rng.uniform(-10, 10))
+  return np.sin(2 * math.pi * cycles * (y * math.cos(theta) + x * math.sin(theta))
+                + rng.uniform(0, 2 * math.pi))
 
 
 def render_scene(resolution: int, label: int, rng: np.random.Generator) -> np.ndarray:
-  """An RGB uint8 image of a textured disc and a textured square; the class is both scales.
+  """An RGB uint8 image of a textured disc, a textured square and two textured rings.
 
-  Coarse: where the disc is relative to the square (left/right and
-  above/below, at least 0.3 image widths apart on each axis), which a network
-  only sees with a receptive field spanning both. Fine: the texture both
-  objects share, one of three grating frequencies (periods 2.4-4.3 pixels at
-  64 px, so halving the resolution aliases the finer two away) in two
-  orientation families. 4 relations x 6 textures = 24 classes. Sizes,
-  phases, tints, contrast, a smooth background and pixel noise vary.
+  The class has two scales. Coarse: where the disc is relative to the square
+  (left/right and above/below, at least 0.3 image widths apart on each
+  axis), which a network only sees with a receptive field spanning both.
+  Fine: the texture the disc and the square share, one of three grating
+  frequencies (periods 2.4-4.3 pixels at 64 px, so halving the resolution
+  aliases the finer two away) in three orientations. 4 relations x 9
+  textures = 36 classes. Two rings anywhere carry other textures, so the
+  texture must be read on the right objects. Sizes, phases, tints, contrast,
+  a smooth background and pixel noise vary.
   """
   layout = scene_layout(label, rng)
-  cycles = SCENE_TEXTURE_CYCLES[layout["band"]] * rng.uniform(0.95, 1.05)
-  theta = (0.0 if layout["family"] == 0 else math.pi / 2) + math.radians(rng.uniform(-20, 20))
   coords = (np.arange(resolution, dtype=np.float64) + 0.5) / resolution
   y, x = np.meshgrid(coords, coords, indexing="ij")
-  wave = np.sin(2 * math.pi * cycles * (y * math.cos(theta) + x * math.sin(theta))
-                + rng.uniform(0, 2 * math.pi))
   edge = 1.5 / resolution
-  disc_radius, square_half = rng.uniform(0.1, 0.15), rng.uniform(0.08, 0.12)
-  (dy, dx), (sy, sx) = layout["disc"], layout["square"]
-  disc = np.clip((disc_radius - np.hypot(y - dy, x - dx)) / edge + 0.5, 0.0, 1.0)
-  square = np.clip((square_half - np.maximum(abs(y - sy), abs(x - sx))) / edge + 0.5, 0.0, 1.0)
   background = sum(rng.normal(size=()) * np.cos(2 * math.pi * (fy * y + fx * x) + rng.uniform(0, 6.3))
                    for fy, fx in rng.uniform(-1.5, 1.5, size=(3, 2)))
   image = 0.5 + (0.1 * background / 3)[..., None] + np.zeros((1, 1, 3))
+  wave = _texture(y, x, layout["band"], layout["angle"], rng)
+  disc_radius, square_half = rng.uniform(0.09, 0.14), rng.uniform(0.07, 0.11)
+  (dy, dx), (sy, sx) = layout["disc"], layout["square"]
+  disc = np.clip((disc_radius - np.hypot(y - dy, x - dx)) / edge + 0.5, 0.0, 1.0)
+  square = np.clip((square_half - np.maximum(abs(y - sy), abs(x - sx))) / edge + 0.5, 0.0, 1.0)
+  shapes = [(disc, wave, rng.uniform(0.1, 0.2)), (square, wave, -rng.uniform(0.1, 0.2))]
+  own = layout["band"] * len(SCENE_TEXTURE_ANGLES) + layout["angle"]
+  for _ in range(SCENE_DISTRACTORS):
+    other = int(rng.choice([t for t in range(len(SCENE_TEXTURES)) if t != own]))
+    cy, cx = rng.uniform(0.12, 0.88, size=2)
+    radius, width = rng.uniform(0.06, 0.1), rng.uniform(0.025, 0.04)
+    ring = np.clip((width - abs(np.hypot(y - cy, x - cx) - radius)) / edge + 0.5, 0.0, 1.0)
+    band, angle = divmod(other, len(SCENE_TEXTURE_ANGLES))
+    shapes.append((ring, _texture(y, x, band, angle, rng), rng.uniform(-0.15, 0.15)))
   contrast = rng.uniform(0.25, 0.4)
-  for mask, level in ((disc, rng.uniform(0.1, 0.2)), (square, -rng.uniform(0.1, 0.2))):
+  for mask, texture, level in shapes:
     tint = rng.uniform(0.6, 1.0, size=3)
-    image += (mask * (level + contrast * wave))[..., None] * tint
+    image += (mask * (level + contrast * texture))[..., None] * tint
   image = image + rng.normal(scale=0.05, size=image.shape)
   return np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
 
@@ -274,7 +290,7 @@ SCENES_RESOLUTIONS = (32, 48, 64, 96, 128)
 
 
 class Scenes(tfds.core.GeneratorBasedBuilder):
-  """Procedural scenes: 24 classes = 4 relations of two objects x 6 fine textures.
+  """Procedural scenes: 36 classes = 4 relations of two objects x 9 fine textures.
 
   One config per native resolution (`scenes/64px`, ...): 10000 train and 2000
   test images, rendered deterministically from the config's seed, the split and
@@ -282,7 +298,8 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
   """
 
   VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Disc/square relations x three texture bands x two orientations."}
+  RELEASE_NOTES = {"1.0.0": "Disc/square relations x three texture bands x three orientations, "
+                            "two distractor rings."}
   BUILDER_CONFIGS = [ScenesConfig(name=f"{r}px", resolution=r, description=f"rendered at {r}x{r}")
                      for r in SCENES_RESOLUTIONS]
   DEFAULT_CONFIG_NAME = "64px"

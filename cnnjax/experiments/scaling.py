@@ -45,6 +45,8 @@ class Point:
   width: float
   depth: float
   resolution: int
+  # When fitted to a FLOPs target: the exponent that was applied to (alpha, beta, gamma).
+  exponent: float | None = None
 
   def trial(self, stage: str) -> Trial:
     name = (f"{stage}-{self.method}-phi{self.phi:g}-a{self.alpha:.3f}-b{self.beta:.3f}-"
@@ -130,6 +132,63 @@ def single_dimension_point(base: Base, method: str, phi: float, target_flops: fl
             "resolution": best.resolution / base.resolution}[method]
   return dataclasses.replace(best, **{{"width": "beta", "depth": "alpha",
                                        "resolution": "gamma"}[method]: factor})
+
+
+# Matched points may differ from their FLOPs target by at most this fraction.
+FLOPS_TOLERANCE = 0.05
+
+
+def fit_to_flops(base: Base, alpha: float, beta: float, gamma: float, phi: float,
+                 target_flops: float, flops_of: Callable[[Point], float],
+                 tolerance: float = FLOPS_TOLERANCE, iterations: int = 14) -> Point:
+  """The compound point whose measured FLOPs meet `target_flops`: phi's exponent, fitted.
+
+  The nominal point (alpha^phi, beta^phi, gamma^phi) misses its FLOPs on a
+  small network: whole repeats, whole pixels and channel rounding quantise it,
+  and the stem, head and classifier do not scale as width^2 depth res^2. The
+  exponent e applied to all three coefficients is found by bisection on
+  measured FLOPs, which keeps the candidate's proportions; if the quantised
+  steps still leave it more than `tolerance` away, the width alone is then
+  fine-tuned (it moves FLOPs in the smallest steps). Raises when even that
+  cannot get within `tolerance`.
+  """
+  def at(exponent: float, width_factor: float = 1.0) -> Point:
+    point = compound_point(base, alpha, beta, gamma, exponent)
+    return dataclasses.replace(point, phi=phi, exponent=exponent,
+                               width=point.width * width_factor)
+
+  def miss(point: Point) -> float:
+    return flops_of(point) / target_flops - 1.0
+
+  low, high = 0.0, max(2.0 * phi, 1.0)
+  while miss(at(high)) < 0:
+    low, high = high, high * 1.5
+    if high > 16 * max(phi, 1.0):
+      raise ScalingConfigError(f"compound ({alpha}, {beta}, {gamma}) cannot reach "
+                               f"{target_flops:.3g} FLOPs")
+  for _ in range(iterations):
+    middle = 0.5 * (low + high)
+    if miss(at(middle)) < 0:
+      low = middle
+    else:
+      high = middle
+  best = min((at(low), at(high)), key=lambda p: abs(miss(p)))
+  if abs(miss(best)) > tolerance:
+    exponent = best.exponent
+    low_w, high_w = 0.7, 1.4
+    for _ in range(iterations):
+      middle = math.sqrt(low_w * high_w)
+      if miss(at(exponent, middle)) < 0:
+        low_w = middle
+      else:
+        high_w = middle
+    best = min((best, at(exponent, low_w), at(exponent, high_w)), key=lambda p: abs(miss(p)))
+  if abs(miss(best)) > tolerance:
+    raise ScalingConfigError(
+        f"compound ({alpha}, {beta}, {gamma}) at phi={phi} gets no closer than "
+        f"{100 * miss(best):+.1f}% to its {target_flops:.3g} FLOPs; use a finer "
+        "channel_divisor or a larger base network")
+  return best
 
 
 def official_points(base: Base, phis: Sequence[int]) -> list[Point]:

@@ -1,14 +1,34 @@
-"""`efficientnet_scaling`: the compound-scaling grid search and scaling up, against single dimensions."""
+"""`efficientnet_scaling`: the compound-scaling grid search and scaling up, against single dimensions.
+
+Step 1 trains the base network and every grid candidate at phi = 1; step 2
+scales the winner to each phi and, at the FLOPs each compound point
+measures, networks scaled in width, depth or resolution alone. Every point
+trains once per seed in `config.seeds`, and points are compared by their
+mean test accuracy: a method "beats" another only where the gap exceeds both
+points' standard deviations over the seeds.
+
+Fair FLOPs: in `phi` mode every compound point is fitted to its target
+(`target` x base FLOPs for the candidates, 2^phi x base FLOPs in step 2) by
+the exponent applied to its coefficients (`scaling.fit_to_flops`), and the
+baselines are bisected onto the compound point's FLOPs; all of them land
+within `scaling.FLOPS_TOLERANCE` of the target or the sweep refuses to
+start. The report shows every point's measured FLOPs against 2^phi, each
+trial's training curve and final loss, and whether its loss had plateaued.
+"""
 
 from __future__ import annotations
 
 from cnnjax.experiments import common, reports, scaling
 from cnnjax.experiments.kinds import register
-from cnnjax.experiments.sweep import DONE, apply_overrides, run_sweep, summary_rows
+from cnnjax.experiments.sweep import (DONE, Trial, apply_overrides, run_sweep, summary_rows,
+                                      trial_dir)
 
-SCALING_COLUMNS = ["trial", "name", "stage", "method", "alpha", "beta", "gamma", "phi", "width", "depth",
-                   "resolution", "params", "flops", "accuracy", "train_accuracy",
-                   "train_seconds", "status", "error"]
+TRIAL_COLUMNS = ["trial", "name", "point", "seed", "stage", "method", "alpha", "beta", "gamma",
+                 "phi", "exponent", "width", "depth", "resolution", "params", "flops",
+                 "accuracy", "train_accuracy", "final_train_loss", "loss_change_last_20pct",
+                 "plateaued", "train_seconds", "status", "error"]
+POINT_COLUMNS = ["method", "phi", "alpha", "beta", "gamma", "width", "depth", "resolution",
+                 "flops_ratio", "seeds", "accuracy_mean", "accuracy_std", "plateaued"]
 
 
 def _scaling_base(config) -> scaling.Base:
@@ -17,7 +37,7 @@ def _scaling_base(config) -> scaling.Base:
 
 
 def scaling_plan(config) -> tuple[list[scaling.Point], list[tuple[float, float, float]]]:
-  """The base point and the step-1 candidates; validates everything before training."""
+  """The base point and the nominal step-1 candidates; validates everything before training."""
   s = config.scaling
   base = _scaling_base(config)
   if s.mode not in ("phi", "official"):
@@ -25,6 +45,7 @@ def scaling_plan(config) -> tuple[list[scaling.Point], list[tuple[float, float, 
                                      f"got {s.mode!r}")
   if not s.phis or min(s.phis) < 1:
     raise scaling.ScalingConfigError(f"config.scaling.phis must be >= 1, got {tuple(s.phis)}")
+  common.with_seeds([], config.seeds)
   candidates = scaling.grid_candidates(tuple(s.grid_alpha), tuple(s.grid_beta),
                                        tuple(s.grid_gamma), s.target, s.tolerance)
   base_point = scaling.Point("base", 0, 1.0, 1.0, 1.0, base.width, base.depth, base.resolution)
@@ -36,39 +57,65 @@ def scaling_plan(config) -> tuple[list[scaling.Point], list[tuple[float, float, 
   return [base_point, *step1], candidates
 
 
+def _point_name(record: dict) -> str:
+  return record["info"]["point"]
+
+
+def _mean_accuracy(records: list[dict]) -> dict[str, float]:
+  """Mean test accuracy of every point all of whose seeds finished."""
+  by_point: dict[str, list] = {}
+  for record in records:
+    by_point.setdefault(_point_name(record), []).append(record)
+  return {point: common.spread([r["result"]["top1"] for r in rs])[0]
+          for point, rs in by_point.items() if all(r["status"] == DONE for r in rs)}
+
+
 @register("efficientnet_scaling")
 def run(config, workdir, trial, command) -> dict:
   base = _scaling_base(config)
-  step1_points, candidates = scaling_plan(config)
+  nominal, candidates = scaling_plan(config)
   num_classes = common.num_classes(config.train)
   measure = common.measurer(num_classes)
-  step1 = [p.trial("step1" if p.method != "base" else "base") for p in step1_points]
+  s = config.scaling
+
+  def flops_of(point: scaling.Point) -> float:
+    return float(measure(apply_overrides(config.train, point.trial("probe").overrides))["flops"])
+
+  base_point, *step1_points = nominal
+  base_flops = flops_of(base_point)
+  if s.mode == "phi":
+    step1_points = [scaling.fit_to_flops(base, p.alpha, p.beta, p.gamma, 1.0,
+                                         s.target * base_flops, flops_of) for p in step1_points]
+  step1 = common.with_seeds([base_point.trial("base"), *(p.trial("step1") for p in step1_points)],
+                            config.seeds)
   records = run_sweep(config.train, workdir, step1, trial, measure)
 
-  done = [r for r in records[1:] if r["status"] == DONE]
+  accuracy = _mean_accuracy(records)
+  step1_names = [p.trial("step1").name for p in step1_points]
   step2_records, best = [], None
-  if len(done) == len(records) - 1 and records[0]["status"] == DONE:
-    best = max(done, key=lambda r: r["result"]["top1"])
-    alpha, beta, gamma = (best["info"][k] for k in ("alpha", "beta", "gamma"))
-
-    def flops_of(point: scaling.Point) -> float:
-      trial_config = apply_overrides(config.train, point.trial("probe").overrides)
-      return float(measure(trial_config)["flops"])
-
+  if all(name in accuracy for name in step1_names) and base_point.trial("base").name in accuracy:
+    best = max(step1_points, key=lambda p: accuracy[p.trial("step1").name])
     points = []
-    if config.scaling.mode == "official":
-      points += scaling.official_points(base, list(config.scaling.phis))
+    if s.mode == "official":
+      points += scaling.official_points(base, list(s.phis))
     else:
-      for phi in config.scaling.phis:
-        compound = scaling.compound_point(base, alpha, beta, gamma, phi)
+      for phi in s.phis:
+        compound = (best if phi == 1 else scaling.fit_to_flops(
+            base, best.alpha, best.beta, best.gamma, phi, 2.0**phi * base_flops, flops_of))
         if phi != 1:  # phi = 1 is step 1's winner, already trained
           points.append(compound)
-        if config.scaling.baselines:
+        if s.baselines:
           target = flops_of(compound)
-          points += [scaling.single_dimension_point(base, method, phi, target, flops_of)
-                     for method in ("width", "depth", "resolution")]
+          for method in ("width", "depth", "resolution"):
+            point = scaling.single_dimension_point(base, method, phi, target, flops_of)
+            miss = flops_of(point) / target - 1
+            if abs(miss) > scaling.FLOPS_TOLERANCE:
+              raise scaling.ScalingConfigError(
+                  f"{method}-only scaling at phi={phi} gets no closer than {100 * miss:+.1f}% "
+                  "to the compound point's FLOPs; use a finer channel_divisor")
+            points.append(point)
     scaling.check_resolution(base, points)
-    step2 = [p.trial("step2") for p in points]
+    step2 = common.with_seeds([p.trial("step2") for p in points], config.seeds)
     step2_records = run_sweep(config.train, workdir, step2, trial, measure,
                               first_index=len(step1))
   elif trial is not None and trial >= len(step1):
@@ -76,86 +123,166 @@ def run(config, workdir, trial, command) -> dict:
                      f"{len(step1) - 1}) finished first")
 
   all_records = records + step2_records
-  rows = summary_rows(all_records, SCALING_COLUMNS)
-  sections = _scaling_sections(config, workdir, rows, best, candidates)
-  return common.finish(workdir, f"{config.name}: {config.description}", rows, SCALING_COLUMNS,
-                 sections, command)
+  rows = summary_rows(all_records, TRIAL_COLUMNS)
+  curves = {}
+  for row, record in zip(rows, all_records, strict=True):
+    curve = common.train_curve(trial_dir(workdir, record["index"], Trial(record["name"], {})))
+    curves[row["name"]] = curve
+    finished = row["status"] == DONE and curve["loss"]
+    row["final_train_loss"] = sum(curve["loss"][-3:]) / len(curve["loss"][-3:]) if finished else None
+    change = common.plateau_change(curve["step"], curve["loss"]) if finished else None
+    row["loss_change_last_20pct"] = change
+    row["plateaued"] = None if change is None else abs(change) < common.PLATEAU_CHANGE
+  table = point_table(rows, base_flops)
+  sections = _sections(config, workdir, rows, table, curves, best, candidates)
+  return common.finish(workdir, f"{config.name}: {config.description}", rows, TRIAL_COLUMNS,
+                       sections, command)
 
 
-def _scaling_sections(config, workdir, rows, best, candidates) -> list[str]:
-  step1 = [r for r in rows if r["stage"] == "step1"]
-  base_row = next((r for r in rows if r["stage"] == "base"), None)
+def point_table(rows: list[dict], base_flops: float) -> list[dict]:
+  """One row per point: its coefficients, FLOPs against the base, accuracy over seeds."""
+  table = {}
+  for row in rows:
+    entry = table.setdefault(row["point"], {
+        "point": row["point"], "stage": row["stage"], "method": row["method"],
+        **{k: row[k] for k in ("phi", "alpha", "beta", "gamma", "width", "depth", "resolution")},
+        "flops_ratio": row["flops"] / base_flops if row["flops"] else None,
+        "accuracies": [], "plateau": []})
+    if row["accuracy"] is not None:
+      entry["accuracies"].append(row["accuracy"])
+    if row["plateaued"] is not None:
+      entry["plateau"].append(row["plateaued"])
+  points = []
+  for entry in table.values():
+    mean, std = common.spread(entry.pop("accuracies"))
+    flags = entry.pop("plateau")
+    points.append({**entry, "seeds": sum(1 for r in rows if r["point"] == entry["point"]
+                                         and r["accuracy"] is not None),
+                   "accuracy_mean": mean, "accuracy_std": std,
+                   "plateaued": f"{sum(flags)}/{len(flags)}"})
+  return points
+
+
+def _accuracies(rows: list[dict], point: str) -> list[float]:
+  return [r["accuracy"] for r in rows if r["point"] == point and r["accuracy"] is not None]
+
+
+def _sections(config, workdir, rows, table, curves, best, candidates) -> list[str]:
+  s = config.scaling
+  seeds = len(tuple(config.seeds))
+  base_entry = next((p for p in table if p["stage"] == "base"), None)
+  step1 = [p for p in table if p["stage"] == "step1"]
   sections = ["## Step 1: grid search at phi = 1", "",
-              f"{len(candidates)} candidates with alpha*beta^2*gamma^2 within "
-              f"{config.scaling.tolerance} of {config.scaling.target}; base network width "
-              f"{config.scaling.base_width}, depth {config.scaling.base_depth}, resolution "
-              f"{config.scaling.base_resolution}.", ""]
+              f"{len(candidates)} candidates with alpha*beta^2*gamma^2 within {s.tolerance} of "
+              f"{s.target}; base network width {s.base_width}, depth {s.base_depth}, resolution "
+              f"{s.base_resolution}; {seeds} seeds per point.", ""]
+  if s.mode == "phi":
+    sections += ["FLOPs are matched, not nominal: each candidate's exponent on (alpha, beta, "
+                 f"gamma) is fitted so that its measured FLOPs are {s.target}x the base's within "
+                 f"{100 * scaling.FLOPS_TOLERANCE:g}% (`exponent`), and each step-2 point to "
+                 "2^phi x the base's; the baselines are bisected onto the compound point's FLOPs.",
+                 ""]
   if step1:
-    sections.append(reports.markdown_table(step1, ["alpha", "beta", "gamma", "flops", "accuracy",
-                                                   "status"]))
-    labels = [f"a{r['alpha']:.2f} b{r['beta']:.2f} g{r['gamma']:.2f}" for r in step1]
-    reports.plot_bars(workdir / "grid_search.png", labels, [r["accuracy"] for r in step1],
-                      "test accuracy", "Step 1: candidates at phi = 1")
+    sections.append(reports.markdown_table(step1, POINT_COLUMNS))
+    labels = [f"a{p['alpha']:.2f} b{p['beta']:.2f} g{p['gamma']:.2f}" for p in step1]
+    reports.plot_bars(workdir / "grid_search.png", labels, [p["accuracy_mean"] for p in step1],
+                      "test accuracy (mean over seeds)", "Step 1: candidates at phi = 1")
     sections += ["", "![grid search](grid_search.png)", ""]
+  _plot_curves(workdir, rows, curves)
+  sections += ["![training loss](training_loss.png)", ""]
   if best is None:
     sections += ["Step 2 waits for every step-1 trial to finish.", ""]
-    return sections
-  info = best["info"]
-  sections += [f"Chosen: alpha = {info['alpha']:.3f}, beta = {info['beta']:.3f}, gamma = "
-               f"{info['gamma']:.3f} (accuracy {common.fmt_pct(best['result']['top1'])}).", "",
+    return sections + _plateau_lines(rows)
+  winner = best.trial("step1").name
+  sections += [f"Chosen: alpha = {best.alpha:.3f}, beta = {best.beta:.3f}, gamma = "
+               f"{best.gamma:.3f} (mean accuracy "
+               f"{common.fmt_pct(common.spread(_accuracies(rows, winner))[0])}).", "",
                "## Step 2: scaling up", ""]
-  winner_row = next(r for r in step1 if r["trial"] == best["index"])
-  methods = {}
-  for row in rows:
-    if row["stage"] == "step2" or row is winner_row:
-      method = "compound" if row is winner_row else row["method"]
-      methods.setdefault(method, []).append(row)
+  methods: dict[str, list[dict]] = {}
+  for entry in table:
+    if entry["stage"] == "step2" or entry["point"] == winner:
+      method = "compound" if entry["point"] == winner else entry["method"]
+      methods.setdefault(method, []).append(entry)
   series = {}
-  for method, method_rows in methods.items():
-    points = ([base_row] if base_row else []) + sorted(method_rows, key=lambda r: r["phi"])
-    series[method] = ([p["flops"] / 1e6 for p in points], [p["accuracy"] for p in points])
-  reports.plot_lines(workdir / "accuracy_vs_flops.png", series, "MFLOPs (forward, per image)",
-                     "test accuracy", "Accuracy against FLOPs", logx=True)
-  table = sorted((r for rs in methods.values() for r in rs), key=lambda r: (r["phi"], r["method"]))
-  sections += [reports.markdown_table(table, ["method", "phi", "width", "depth", "resolution",
-                                              "flops", "accuracy", "status"]), "",
+  for method, entries in methods.items():
+    ordered = ([base_entry] if base_entry else []) + sorted(entries, key=lambda p: p["phi"])
+    series[method] = ([p["flops_ratio"] for p in ordered], [p["accuracy_mean"] for p in ordered])
+  reports.plot_lines(workdir / "accuracy_vs_flops.png", series, "FLOPs / base FLOPs",
+                     "test accuracy (mean over seeds)", "Accuracy against FLOPs", logx=True)
+  ordered = sorted((p for ps in methods.values() for p in ps), key=lambda p: (p["phi"], p["method"]))
+  sections += [reports.markdown_table(ordered, POINT_COLUMNS), "",
                "![accuracy against FLOPs](accuracy_vs_flops.png)", ""]
-  top_phi = max(config.scaling.phis)
-  at_top = {m: next((r for r in rs if r["phi"] == top_phi), None) for m, rs in methods.items()}
-  if config.scaling.mode == "phi":
-    parts = [f"{m} {common.fmt_pct(r['accuracy'])} at {r['flops'] / 1e6:.1f} MFLOPs"
-             for m, r in at_top.items() if r is not None]
-    sections += [f"At phi = {top_phi}: " + "; ".join(parts) + ".", ""]
-  sections += scaling_verdict(methods, base_row)
-  return sections
+  by_method = {m: {p["phi"]: _accuracies(rows, p["point"]) for p in ps}
+               for m, ps in methods.items()}
+  sections += scaling_verdict(by_method, _accuracies(rows, base_entry["point"]) if base_entry
+                              else [])
+  growth = ", ".join(f"{p['flops_ratio']:.2f}x at phi = {p['phi']:g} (2^phi = {2 ** p['phi']:g})"
+                     for p in sorted(methods.get("compound", []), key=lambda p: p["phi"])
+                     if p["flops_ratio"])
+  if growth:
+    sections += [f"Measured FLOPs of the compound points relative to the base: {growth}.", ""]
+  return sections + _plateau_lines(rows)
 
 
-def scaling_verdict(methods: dict[str, list[dict]], base_row: dict | None) -> list[str]:
-  """Plain sentences: the best method at each phi, and how FLOPs actually grew.
+def scaling_verdict(by_method: dict[str, dict[float, list[float]]],
+                    base: list[float]) -> list[str]:
+  """Sentences judged against the seeds' spread.
 
-  `methods` maps a method to its finished or failed rows (with 'phi', 'accuracy',
-  'flops'); a phi is judged only when compound and at least one baseline finished.
+  First whether each single dimension beats the base at phi = 1 (the premise:
+  on data where one dimension does not help, compound scaling cannot win
+  through it); then, at each phi, whether compound scaling beats each baseline.
   """
   lines = []
-  compound = {r["phi"]: r for r in methods.get("compound", []) if r.get("accuracy") is not None}
-  judged, wins = [], 0
+  if base:
+    premise = []
+    for method in ("width", "depth", "resolution"):
+      at_one = by_method.get(method, {}).get(1)
+      if at_one:
+        outcome = common.compare(at_one, base)
+        premise.append(f"{method} {'beats' if outcome == 'higher' else 'does not beat'} the "
+                       f"base ({common.fmt_pct(common.spread(at_one)[0])} against "
+                       f"{common.fmt_pct(common.spread(base)[0])})")
+    if premise:
+      lines += ["At phi = 1, " + "; ".join(premise) + ".", ""]
+  compound = by_method.get("compound", {})
   for phi in sorted(compound):
-    rivals = {m: r for m, rs in methods.items() if m != "compound"
-              for r in rs if r["phi"] == phi and r.get("accuracy") is not None}
-    if not rivals:
-      continue
-    best_method, best_row = max([("compound", compound[phi]), *rivals.items()],
-                                key=lambda item: item[1]["accuracy"])
-    wins += best_method == "compound"
-    judged.append(f"phi = {phi:g}: {best_method} ({common.fmt_pct(best_row['accuracy'])})")
-  if judged:
-    lines += ["Best method at each phi: " + "; ".join(judged) + ".",
-              f"Compound scaling beats every single-dimension baseline at {wins} of "
-              f"{len(judged)} phi values.", ""]
-  if base_row and base_row.get("flops") and compound:
-    growth = ", ".join(f"{r['flops'] / base_row['flops']:.2f}x (phi = {phi:g})"
-                       for phi, r in sorted(compound.items()))
-    lines += [f"Measured FLOPs of the compound points relative to the base: {growth}; the rule "
-              "promises 2^phi. Channel rounding to multiples of 8 and whole repeats quantise "
-              "small networks, so the measured FLOPs are what every comparison above matches.", ""]
+    parts = []
+    for method in ("width", "depth", "resolution"):
+      rival = by_method.get(method, {}).get(phi)
+      if not rival or not compound[phi]:
+        continue
+      outcome = common.compare(compound[phi], rival)
+      word = {"higher": "beats", "lower": "loses to", "tie": "ties with"}[outcome]
+      parts.append(f"{word} {method} ({common.fmt_pct(common.spread(rival)[0])})")
+    if parts:
+      lines.append(f"- phi = {phi:g}: compound ({common.fmt_pct(common.spread(compound[phi])[0])})"
+                   f" " + ", ".join(parts) + ".")
+  if lines and compound:
+    lines += ["", "\"Beats\" and \"loses to\" mean a gap larger than both points' standard "
+              "deviations over the seeds; anything smaller is a tie.", ""]
   return lines
+
+
+def _plateau_lines(rows: list[dict]) -> list[str]:
+  stalled = [r["name"] for r in rows if r["plateaued"] is False]
+  if stalled:
+    return [f"Still improving when their budget ended (training loss changed by "
+            f"{100 * common.PLATEAU_CHANGE:g}% or more over the last 20% of the run): "
+            f"{', '.join(stalled)}.", ""]
+  if any(r["plateaued"] for r in rows):
+    return ["Every finished trial's training loss had plateaued (under "
+            f"{100 * common.PLATEAU_CHANGE:g}% change over the last 20% of the run).", ""]
+  return []
+
+
+def _plot_curves(workdir, rows, curves) -> None:
+  series, last_point = {}, None
+  for row in rows:
+    curve = curves.get(row["name"])
+    if not curve or not curve["step"]:
+      continue
+    label = row["point"] if row["point"] != last_point else f"_{row['name']}"
+    last_point = row["point"]
+    series[label] = (curve["step"], curve["loss"])
+  reports.plot_lines(workdir / "training_loss.png", series, "step", "training loss",
+                     "Training loss of every trial", logy=True)
