@@ -194,6 +194,10 @@ def test_a_different_class_count_needs_num_classes_and_then_gets_a_fresh_head(ca
   body = lambda v: {k: x for k, x in v["params"].items() if k != "fc"}  # noqa: E731
   jax.tree.map(np.testing.assert_array_equal, body(fresh), body(loaded))
   jax.tree.map(np.testing.assert_array_equal, fresh["batch_stats"], loaded["batch_stats"])
+  # A checkpoint saved without its classifier (a feature extractor) loads the same way.
+  headless = {k: v for k, v in _state("resnet18").items() if not k.startswith("fc.")}
+  again = weights.load_weights(name, headless, num_classes=3, seed=1, **overrides)
+  jax.tree.map(np.testing.assert_array_equal, again, fresh)
   # The fresh head is the model's own initialiser: the init of a 3-class model with that seed.
   model = cnnjax.create_model(name, num_classes=3, **overrides)
   own = model.init(jax.random.key(1), np.zeros((1, 32, 32, 3), np.float32))

@@ -167,7 +167,38 @@ class GratingsConfig(tfds.core.BuilderConfig):
 GRATINGS_RESOLUTIONS = (16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 
-class Gratings(tfds.core.GeneratorBasedBuilder):
+class _Rendered:
+  """Procedural builders: one config per native resolution, each example rendered by
+  `render(resolution, label, rng)` from the config's seed, the split and the example index."""
+
+  CLASSES: tuple[str, ...]
+  DEFAULT_CONFIG_NAME = "64px"
+
+  @staticmethod
+  def render(resolution: int, label: int, rng: np.random.Generator) -> np.ndarray:
+    raise NotImplementedError
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    r = self.builder_config.resolution
+    return self.dataset_info_from_configs(
+        description=self.__doc__,
+        features=_features((r, r, 3), len(self.CLASSES), names=list(self.CLASSES)),
+        supervised_keys=("image", "label"))
+
+  def _split_generators(self, dl_manager):
+    config = self.builder_config
+    return {"train": self._generate_examples(0, config.train_size),
+            "test": self._generate_examples(1, config.test_size)}
+
+  def _generate_examples(self, split_id: int, count: int):
+    config = self.builder_config
+    for index in range(count):
+      rng = np.random.default_rng([config.seed, split_id, index])
+      label = int(rng.integers(len(self.CLASSES)))
+      yield index, {"image": _png(self.render(config.resolution, label, rng)), "label": label}
+
+
+class Gratings(_Rendered, tfds.core.GeneratorBasedBuilder):
   """Procedural gratings: 10 classes = 5 frequency bands x 2 orientations.
 
   One config per native resolution (`gratings/64px`, ...): 6000 train and 2000
@@ -180,25 +211,8 @@ class Gratings(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [GratingsConfig(name=f"{r}px", resolution=r,
                                     description=f"rendered at {r}x{r}")
                      for r in GRATINGS_RESOLUTIONS]
-  DEFAULT_CONFIG_NAME = "64px"
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    r = self.builder_config.resolution
-    return self.dataset_info_from_configs(
-        description=self.__doc__, features=_features((r, r, 3), 10, names=list(GRATING_CLASSES)),
-        supervised_keys=("image", "label"))
-
-  def _split_generators(self, dl_manager):
-    config = self.builder_config
-    return {"train": self._generate_examples(0, config.train_size),
-            "test": self._generate_examples(1, config.test_size)}
-
-  def _generate_examples(self, split_id: int, count: int):
-    config = self.builder_config
-    for index in range(count):
-      rng = np.random.default_rng([config.seed, split_id, index])
-      label = int(rng.integers(len(GRATING_CLASSES)))
-      yield index, {"image": _png(render_grating(config.resolution, label, rng)), "label": label}
+  CLASSES = GRATING_CLASSES
+  render = staticmethod(render_grating)
 
 
 # -- scenes ------------------------------------------------------------------
@@ -289,7 +303,7 @@ class ScenesConfig(tfds.core.BuilderConfig):
 SCENES_RESOLUTIONS = (32, 48, 64, 96, 128)
 
 
-class Scenes(tfds.core.GeneratorBasedBuilder):
+class Scenes(_Rendered, tfds.core.GeneratorBasedBuilder):
   """Procedural scenes: 36 classes = 4 relations of two objects x 9 fine textures.
 
   One config per native resolution (`scenes/64px`, ...): 10000 train and 2000
@@ -302,26 +316,8 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
                             "two distractor rings."}
   BUILDER_CONFIGS = [ScenesConfig(name=f"{r}px", resolution=r, description=f"rendered at {r}x{r}")
                      for r in SCENES_RESOLUTIONS]
-  DEFAULT_CONFIG_NAME = "64px"
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    r = self.builder_config.resolution
-    return self.dataset_info_from_configs(
-        description=self.__doc__,
-        features=_features((r, r, 3), len(SCENE_CLASSES), names=list(SCENE_CLASSES)),
-        supervised_keys=("image", "label"))
-
-  def _split_generators(self, dl_manager):
-    config = self.builder_config
-    return {"train": self._generate_examples(0, config.train_size),
-            "test": self._generate_examples(1, config.test_size)}
-
-  def _generate_examples(self, split_id: int, count: int):
-    config = self.builder_config
-    for index in range(count):
-      rng = np.random.default_rng([config.seed, split_id, index])
-      label = int(rng.integers(len(SCENE_CLASSES)))
-      yield index, {"image": _png(render_scene(config.resolution, label, rng)), "label": label}
+  CLASSES = SCENE_CLASSES
+  render = staticmethod(render_scene)
 
 
 EMBEDDED = {"digits": Digits, "mnist5k": Mnist5k, "gratings": Gratings, "scenes": Scenes}

@@ -163,7 +163,10 @@ def load_weights(name: str, source: Any, num_classes: int | None = None, *, seed
   for path, key in names.items():
     want = layouts.torch_shape(shapes[path].shape)
     if key not in checkpoint:
-      missing.append(f"{key} (shape {want})")
+      if path in heads and num_classes is not None:  # a checkpoint saved without its head
+        fresh.append(path)
+      else:
+        missing.append(f"{key} (shape {want})")
       continue
     have = tuple(checkpoint[key].shape)
     if have == want:
@@ -207,9 +210,9 @@ def load_weights(name: str, source: Any, num_classes: int | None = None, *, seed
         node = node.setdefault(part, {})
       node[path[-1]] = initialised[path]
     keys = sorted({names[p] for p in fresh})
-    log.warning("%s: the checkpoint's classifier (%s) has another number of classes; it was "
-                "initialised afresh for %d classes (seed %d), everything else was loaded.",
-                name, ", ".join(keys), model.num_classes, seed)
+    log.warning("%s: the checkpoint's classifier (%s) is missing or has another number of "
+                "classes; it was initialised afresh for %d classes (seed %d), everything else "
+                "was loaded.", name, ", ".join(keys), model.num_classes, seed)
   return variables
 
 
