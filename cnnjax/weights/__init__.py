@@ -70,11 +70,18 @@ def _shapes(model: nn.Module, name: str) -> dict[Path, jax.ShapeDtypeStruct]:
 
 
 @functools.lru_cache(maxsize=64)
-def _head_cache(name: str, num_classes: int, overrides: tuple) -> frozenset[Path]:
-  model = registry.create_model(name, num_classes=num_classes, **dict(overrides))
-  other = registry.create_model(name, num_classes=num_classes + 1, **dict(overrides))
-  mine, theirs = _shapes(model, name), _shapes(other, name)
-  return frozenset(path for path in mine if mine[path].shape != theirs[path].shape)
+def _model_shapes(name: str, num_classes: int, overrides: tuple) -> dict[Path, Any]:
+  """`_shapes` of a registered model, cached: tracing EfficientNet-B7 takes seconds."""
+  return _shapes(registry.create_model(name, num_classes=num_classes, **dict(overrides)), name)
+
+
+def _frozen(value: Any) -> Any:
+  return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _key(overrides: dict) -> tuple:
+  """Overrides as a cache key (lists, e.g. VGG's `layers` from JSON, become tuples)."""
+  return tuple(sorted((k, _frozen(v)) for k, v in overrides.items()))
 
 
 def head_paths(name: str, num_classes: int | None = None, **overrides: Any) -> frozenset[Path]:
@@ -84,7 +91,9 @@ def head_paths(name: str, num_classes: int | None = None, **overrides: Any) -> f
   (and GoogLeNet's auxiliary classifiers) is found the same way.
   """
   num_classes = num_classes or registry.model_info(name).num_classes
-  return _head_cache(name, num_classes, tuple(sorted(overrides.items())))
+  mine = _model_shapes(name, num_classes, _key(overrides))
+  theirs = _model_shapes(name, num_classes + 1, _key(overrides))
+  return frozenset(path for path in mine if mine[path].shape != theirs[path].shape)
 
 
 def torch_names(model: nn.Module, name: str, layout: layouts.Layout,
@@ -149,7 +158,7 @@ def load_weights(name: str, source: Any, num_classes: int | None = None, *, seed
   """
   _layouts(name)  # a model without a counterpart fails before any reading
   model = registry.create_model(name, num_classes=num_classes, **overrides)
-  shapes = _shapes(model, name)
+  shapes = _model_shapes(name, model.num_classes, _key(overrides))
   checkpoint = formats.read(source)
   layout, names, checkpoint = _pick_layout(model, name, shapes, checkpoint)
   heads = head_paths(name, model.num_classes, **overrides)
@@ -253,7 +262,7 @@ def save_weights(name: str, variables: Mapping[str, Any], path: str | os.PathLik
   kernels = [given[p] for p in sorted(heads) if p in given and p[-1] == "kernel"]
   num_classes = int(kernels[0].shape[-1]) if kernels else None
   model = registry.create_model(name, num_classes=num_classes, **overrides)
-  shapes = _shapes(model, name)
+  shapes = _model_shapes(name, model.num_classes, _key(overrides))
   problems = [f"{'/'.join(p)}: missing" for p in shapes if p not in given]
   problems += [f"{'/'.join(p)}: not a variable of {name}" for p in given if p not in shapes]
   problems += [f"{'/'.join(p)}: shape {given[p].shape}, {name} has {tuple(shapes[p].shape)}"
