@@ -26,7 +26,7 @@ from cnnjax.data import builders
 
 
 def _source(data_dir: pathlib.Path, resolution: int, count: int):
-  config = builders.GratingsConfig(name=f"bench{resolution}px", resolution=resolution,
+  config = builders.RenderedConfig(name=f"bench{resolution}px", resolution=resolution,
                                    train_size=count, test_size=8)
   builder = builders.Gratings(config=config, data_dir=str(data_dir), file_format="array_record")
   builder.download_and_prepare()

@@ -26,8 +26,10 @@ __all__ = [
     "create_model",
     "flops",
     "list_models",
+    "load_weights",
     "model_info",
     "register_model",
+    "save_weights",
     "summary",
 ]
 __version__ = "0.1.0"

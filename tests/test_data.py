@@ -118,7 +118,7 @@ def test_scenes_encode_the_relation_coarsely_and_the_texture_finely(monkeypatch)
 
 
 def test_a_small_scenes_config_prepares(tmp_path):
-  config = builders.ScenesConfig(name="test32px", resolution=32, train_size=24, test_size=8)
+  config = builders.RenderedConfig(name="test32px", resolution=32, train_size=24, test_size=8)
   builder = builders.Scenes(config=config, data_dir=str(tmp_path), file_format="array_record")
   builder.download_and_prepare()
   source = builder.as_data_source(split="train")
@@ -127,7 +127,7 @@ def test_a_small_scenes_config_prepares(tmp_path):
 
 
 def test_a_custom_gratings_config_prepares_and_a_second_use_finds_it(tmp_path):
-  config = builders.GratingsConfig(name="test12px", resolution=12, train_size=30, test_size=10)
+  config = builders.RenderedConfig(name="test12px", resolution=12, train_size=30, test_size=10)
   builder = builders.Gratings(config=config, data_dir=str(tmp_path), file_format="array_record")
   builder.download_and_prepare()
   source = builder.as_data_source(split="train")

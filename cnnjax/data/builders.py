@@ -157,7 +157,8 @@ def render_grating(resolution: int, label: int, rng: np.random.Generator) -> np.
 
 
 @dataclasses.dataclass
-class GratingsConfig(tfds.core.BuilderConfig):
+class RenderedConfig(tfds.core.BuilderConfig):
+  """A procedural dataset's native resolution, split sizes and seed."""
   resolution: int = 64
   train_size: int = 6000
   test_size: int = 2000
@@ -208,7 +209,7 @@ class Gratings(_Rendered, tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Five bands 1.5x apart, two orientation families."}
-  BUILDER_CONFIGS = [GratingsConfig(name=f"{r}px", resolution=r,
+  BUILDER_CONFIGS = [RenderedConfig(name=f"{r}px", resolution=r,
                                     description=f"rendered at {r}x{r}")
                      for r in GRATINGS_RESOLUTIONS]
   CLASSES = GRATING_CLASSES
@@ -292,14 +293,6 @@ def render_scene(resolution: int, label: int, rng: np.random.Generator) -> np.nd
   return np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
 
 
-@dataclasses.dataclass
-class ScenesConfig(tfds.core.BuilderConfig):
-  resolution: int = 64
-  train_size: int = 10000
-  test_size: int = 2000
-  seed: int = 0
-
-
 SCENES_RESOLUTIONS = (32, 48, 64, 96, 128)
 
 
@@ -314,7 +307,8 @@ class Scenes(_Rendered, tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Disc/square relations x three texture bands x three orientations, "
                             "two distractor rings."}
-  BUILDER_CONFIGS = [ScenesConfig(name=f"{r}px", resolution=r, description=f"rendered at {r}x{r}")
+  BUILDER_CONFIGS = [RenderedConfig(name=f"{r}px", resolution=r, train_size=10000,
+                                    description=f"rendered at {r}x{r}")
                      for r in SCENES_RESOLUTIONS]
   CLASSES = SCENE_CLASSES
   render = staticmethod(render_scene)

@@ -136,3 +136,31 @@ def compare(a: list[float], b: list[float]) -> str:
   if abs(gap) > std_a and abs(gap) > std_b:
     return "higher" if gap > 0 else "lower"
   return "tie"
+
+
+def tail_mean(values, tail: int) -> float:
+  """What a run ends with: the mean of its last `tail` logged windows."""
+  return sum(values[-tail:]) / len(values[-tail:])
+
+
+def annotate_convergence(row: dict, curve: dict, tail: int) -> None:
+  """Adds a finished trial's final training error and loss and its plateau check to `row`."""
+  finished = row["status"] == "done" and bool(curve["loss"])
+  row["final_train_error"] = tail_mean(curve["error"], tail) if finished else None
+  row["final_train_loss"] = tail_mean(curve["loss"], tail) if finished else None
+  change = plateau_change(curve["step"], curve["loss"]) if finished else None
+  row["loss_change_last_20pct"] = change
+  row["plateaued"] = None if change is None else abs(change) < PLATEAU_CHANGE
+
+
+def plateau_sentence(rows: list[dict]) -> str:
+  """Which trials were still improving when their budget ended, or that none was."""
+  stalled = [r["name"] for r in rows if r["plateaued"] is False]
+  if stalled:
+    return (f"Still improving when their budget ended (training loss changed by "
+            f"{100 * PLATEAU_CHANGE:g}% or more over the last 20% of the run): "
+            f"{', '.join(stalled)}.")
+  if any(r["plateaued"] for r in rows):
+    return (f"Every finished trial's training loss had plateaued (under {100 * PLATEAU_CHANGE:g}% "
+            "change over the last 20% of the run).")
+  return ""

@@ -118,10 +118,10 @@ def _norm_modules(names: Mapping[Path, str]) -> set[str]:
   return {key.rsplit(".", 1)[0] for path, key in names.items() if path[0] == "batch_stats"}
 
 
-def _pick_layout(model, name, shapes, checkpoint: Mapping[str, np.ndarray]):
-  """The layout whose keys the checkpoint holds most of; an error when it holds none."""
+def _pick_layout(model, name, candidates, shapes, checkpoint: Mapping[str, np.ndarray]):
+  """The layout of `candidates` whose keys the checkpoint holds most of; an error when none."""
   best = None
-  for layout in _layouts(name):
+  for layout in candidates:
     names = torch_names(model, name, layout, shapes)
     renamed = {layout.legacy(k): v for k, v in checkpoint.items()}
     hits = len(set(names.values()) & set(renamed))
@@ -131,7 +131,7 @@ def _pick_layout(model, name, shapes, checkpoint: Mapping[str, np.ndarray]):
   if hits == 0:
     expected = list(names.values())[:4]
     found = list(checkpoint)[:4]
-    libraries = " or ".join(sorted({lay.library for lay in _layouts(name)}))
+    libraries = " or ".join(sorted({lay.library for lay in candidates}))
     raise WeightsError(
         f"none of the {len(checkpoint)} keys of this checkpoint is a {name} key in {libraries}'s "
         f"layout: it holds e.g. {found}, {name} expects e.g. {expected}. Is it a checkpoint of "
@@ -156,11 +156,11 @@ def load_weights(name: str, source: Any, num_classes: int | None = None, *, seed
   Returns `{"params": ..., "batch_stats": ...}` (float arrays in the model's
   parameter dtype); raises `WeightsError` without returning anything partial.
   """
-  _layouts(name)  # a model without a counterpart fails before any reading
+  candidates = _layouts(name)  # a model without a counterpart fails before any reading
   model = registry.create_model(name, num_classes=num_classes, **overrides)
   shapes = _model_shapes(name, model.num_classes, _key(overrides))
   checkpoint = formats.read(source)
-  layout, names, checkpoint = _pick_layout(model, name, shapes, checkpoint)
+  layout, names, checkpoint = _pick_layout(model, name, candidates, shapes, checkpoint)
   heads = head_paths(name, model.num_classes, **overrides)
   expected_keys = set(names.values())
   norms = _norm_modules(names)

@@ -49,13 +49,7 @@ def run(config, workdir, trial, command) -> dict:
   curves = {t.name: common.train_curve(trial_dir(workdir, i, t)) for i, t in enumerate(trials)}
   rows = summary_rows(records, TRIAL_COLUMNS + ["point"])
   for row in rows:
-    curve = curves[row["name"]]
-    finished = row["status"] == "done" and curve["error"]
-    row["final_train_error"] = final_error(curve["error"], config.curve_tail) if finished else None
-    row["final_train_loss"] = final_error(curve["loss"], config.curve_tail) if finished else None
-    change = common.plateau_change(curve["step"], curve["loss"]) if finished else None
-    row["loss_change_last_20pct"] = change
-    row["plateaued"] = None if change is None else abs(change) < common.PLATEAU_CHANGE
+    common.annotate_convergence(row, curves[row["name"]], config.curve_tail)
     row["test_error"] = None if row["accuracy"] is None else 1 - row["accuracy"]
 
   per_model = model_table(rows, config.models)
@@ -68,20 +62,10 @@ def run(config, workdir, trial, command) -> dict:
     if len(members) >= 2:
       sections.append("- " + depth_verdict(family, members[0], members[-1], *(
           [r["final_train_error"] for r in rows if r["point"] == m] for m in (members[0], members[-1]))))
-  stalled = [r["name"] for r in rows if r["plateaued"] is False]
   sections += ["", f"A trial's training error is the mean over its last {config.curve_tail} logged "
-               "windows of training batches. " + (
-                   f"Still improving at the end (loss changed by {100 * common.PLATEAU_CHANGE:g}% "
-                   f"or more over the last 20% of the run): {', '.join(stalled)}."
-                   if stalled else "Every finished trial's training loss had plateaued "
-                   f"(under {100 * common.PLATEAU_CHANGE:g}% change over the last 20% of the run).")]
+               "windows of training batches. " + common.plateau_sentence(rows)]
   return common.finish(workdir, f"{config.name}: {config.description}", rows, TRIAL_COLUMNS,
                        sections, command)
-
-
-def final_error(values: Sequence[float], tail: int) -> float:
-  """What a run ends with: the mean of its last `tail` logged windows."""
-  return sum(values[-tail:]) / len(values[-tail:])
 
 
 def model_table(rows: list[dict], models: Sequence[str]) -> list[dict]:

@@ -128,11 +128,7 @@ def run(config, workdir, trial, command) -> dict:
   for row, record in zip(rows, all_records, strict=True):
     curve = common.train_curve(trial_dir(workdir, record["index"], Trial(record["name"], {})))
     curves[row["name"]] = curve
-    finished = row["status"] == DONE and curve["loss"]
-    row["final_train_loss"] = sum(curve["loss"][-3:]) / len(curve["loss"][-3:]) if finished else None
-    change = common.plateau_change(curve["step"], curve["loss"]) if finished else None
-    row["loss_change_last_20pct"] = change
-    row["plateaued"] = None if change is None else abs(change) < common.PLATEAU_CHANGE
+    common.annotate_convergence(row, curve, tail=3)
   table = point_table(rows, base_flops)
   sections = _sections(config, workdir, rows, table, curves, best, candidates)
   return common.finish(workdir, f"{config.name}: {config.description}", rows, TRIAL_COLUMNS,
@@ -264,15 +260,8 @@ def scaling_verdict(by_method: dict[str, dict[float, list[float]]],
 
 
 def _plateau_lines(rows: list[dict]) -> list[str]:
-  stalled = [r["name"] for r in rows if r["plateaued"] is False]
-  if stalled:
-    return [f"Still improving when their budget ended (training loss changed by "
-            f"{100 * common.PLATEAU_CHANGE:g}% or more over the last 20% of the run): "
-            f"{', '.join(stalled)}.", ""]
-  if any(r["plateaued"] for r in rows):
-    return ["Every finished trial's training loss had plateaued (under "
-            f"{100 * common.PLATEAU_CHANGE:g}% change over the last 20% of the run).", ""]
-  return []
+  sentence = common.plateau_sentence(rows)
+  return [sentence, ""] if sentence else []
 
 
 def _plot_curves(workdir, rows, curves) -> None:
