@@ -108,9 +108,19 @@ def test_a_run_killed_with_sigkill_resumes_to_exactly_the_same_params(reference_
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not (tmp_path / "result-0.json").exists()  # it really died in the middle
-  assert max(_committed_steps(tmp_path / "checkpoints")) < 40
+  killed_at = max(_committed_steps(tmp_path / "checkpoints"))
+  assert killed_at < 40
+  extra = tmp_path / "checkpoints" / str(killed_at) / "extra" / "metadata"
+  seconds_before = json.loads(extra.read_text())["train_seconds"]
+  started = time.perf_counter()
   _worker(tmp_path, overrides)
-  assert json.loads((tmp_path / "result-0.json").read_text())["step"] == 40
+  resumed_wall = time.perf_counter() - started
+  result = json.loads((tmp_path / "result-0.json").read_text())
+  assert result["step"] == 40
+  # The reported training time is the killed process's, up to its checkpoint, plus the
+  # resumed process's own, which ran inside the worker's wall time.
+  assert seconds_before > 0
+  assert seconds_before < result["train_seconds"] < seconds_before + resumed_wall
   expected, resumed = _params(reference), _params(tmp_path)
   assert all(np.array_equal(expected[k], resumed[k]) for k in expected)
   assert any(r.get("event") == "resume" for r in map(json.loads, open(tmp_path / "metrics.jsonl")))

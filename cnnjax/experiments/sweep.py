@@ -170,6 +170,7 @@ def summary_rows(records: Sequence[dict], columns: Sequence[str]) -> list[dict[s
             **record.get("info", {}), **record.get("measured", {})}
     result = record.get("result") or {}
     flat.update(accuracy=result.get("top1"), train_accuracy=result.get("train_accuracy"),
-                train_seconds=record.get("seconds"), error=record.get("error"))
+                train_seconds=result.get("train_seconds", record.get("seconds")),
+                error=record.get("error"))
     rows.append({c: flat.get(c) for c in columns})
   return rows

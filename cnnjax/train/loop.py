@@ -394,9 +394,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   restored = checkpoint_lib.restore_latest(latest, checkpoint_lib.abstract_like(state),
                                            quarantine=workdir / "unreadable_checkpoints")
   data_state, best_value = None, None
+  # Seconds earlier processes spent reaching the restored checkpoint: a resumed run reports
+  # the time its whole result took, not only its last part.
+  seconds_before = 0.0
   if restored is not None:
     step, state, extra = restored
     data_state, best_value = extra.get("data_state"), extra.get("best_value")
+    seconds_before = float(extra.get("train_seconds", 0.0))
     if extra.get("config", {}).get("data.num_workers") != config.data.num_workers:
       data_state = None  # grain's state has another form with other workers: resume by step
     log.info("resumed from step %d in %s", step, workdir)
@@ -436,7 +440,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
           f"the parameters became non-finite at step {step}; the run stopped without saving "
           "them, the last checkpoint before it is kept. Lower the learning rate, add warmup or "
           "gradient clipping (config.optimizer.clip_norm), or train in float32.")
-    extra = {"step": step, "data_state": current_data_state, "config": _flat(config)}
+    extra = {"step": step, "data_state": current_data_state, "config": _flat(config),
+             "train_seconds": seconds_before + time.perf_counter() - start_time}
     if best is not None and metrics and config.best_metric in metrics:
       value = metrics[config.best_metric]
       lower_is_better = config.best_metric == "loss"
@@ -484,7 +489,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     if best is not None:
       best.wait_until_finished()
     writer.close()
-  train_seconds = time.perf_counter() - start_time
+  train_seconds = seconds_before + time.perf_counter() - start_time
   result = {"step": step, "total_steps": run.total_steps, "devices": jax.device_count(),
             **eval_metrics,
             "train_loss": train_metrics.get("data_loss", float("nan")),
