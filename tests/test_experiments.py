@@ -298,6 +298,15 @@ def test_an_interrupted_sweep_ends_with_the_same_table_and_trials_run_alone(data
   assert rows[1]["accuracy"] == _rows(whole)[1]["accuracy"]
   assert not (alone / "trials" / "000-plain20-s0").exists()
 
+  # --trial K on a finished trial trains nothing and rewrites the report: a look at a sweep.
+  metrics = (whole / "trials" / "000-plain20-s0" / "metrics.jsonl").read_bytes()
+  table = _stable_table(whole)
+  (whole / "report.md").unlink()
+  subprocess.run(_sweep_command(whole, "--trial=0"), env=env, cwd=REPO, check=True,
+                 capture_output=True)
+  assert (whole / "report.md").exists() and _stable_table(whole) == table
+  assert (whole / "trials" / "000-plain20-s0" / "metrics.jsonl").read_bytes() == metrics
+
 
 def test_bad_trials_and_foreign_workdirs_are_clear_errors_that_keep_the_results(data_env, tmp_path,
                                                                               capsys):
