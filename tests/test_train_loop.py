@@ -126,6 +126,22 @@ def test_a_run_killed_with_sigkill_resumes_to_exactly_the_same_params(reference_
   assert any(r.get("event") == "resume" for r in map(json.loads, open(tmp_path / "metrics.jsonl")))
 
 
+def test_checkpoints_between_evaluations_resume_to_the_same_params(reference_run, tmp_path):
+  reference, overrides = reference_run
+  # One evaluation at the end; checkpoints every 6 steps. Evaluation changes nothing that
+  # training computes, so the params must equal the reference's, which evaluated every 4.
+  sparse = {**overrides, "eval_every_epochs": 40 / 44, "checkpoint_every_epochs": 6 / 44}
+  _worker(tmp_path, {**sparse, "stop_after_steps": 14})
+  assert _committed_steps(tmp_path / "checkpoints") == [12, 14]  # 14: where it stopped
+  shutil.rmtree(tmp_path / "checkpoints" / "14")  # resume from the one between evaluations
+  _worker(tmp_path, sparse)
+  assert _committed_steps(tmp_path / "checkpoints") == [36, 40]
+  assert _max_diff(_params(reference), _params(tmp_path)) == 0.0
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert {"event": "resume", "step": 12} in records
+  assert [r["step"] for r in records if r.get("split") == "eval"] == [14, 40]
+
+
 def test_a_corrupt_newest_checkpoint_resumes_from_the_one_before(reference_run, tmp_path):
   reference, overrides = reference_run
   workdir = tmp_path / "run"
@@ -224,3 +240,8 @@ def test_config_typos_name_the_key():
   config.dtype = "float8"
   with pytest.raises(ValueError, match="config.dtype must be one of"):
     train.train_and_evaluate(config, "/nonexistent/never/created")
+  config.dtype = "float32"
+  config.checkpoint_every_epochs = 0.0
+  with pytest.raises(ValueError, match="config.checkpoint_every_epochs must be positive"):
+    train.train_and_evaluate(config, "/nonexistent/never/created")
+  assert not pathlib.Path("/nonexistent/never/created").exists()

@@ -95,6 +95,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.eval_every_epochs = 1.0
   c.log_every_steps = 20
+  # Checkpoints are written at every evaluation and, when set, this often between them: a long
+  # trial that evaluates once at its end still loses little when its process is killed.
+  c.checkpoint_every_epochs = config_dict.placeholder(float)
   c.keep_checkpoints = 2
   c.best_metric = config_dict.placeholder(str)  # e.g. "top1": also keep the best checkpoint
   c.async_checkpoint = True
@@ -116,7 +119,7 @@ def default_config() -> ml_collections.ConfigDict:
 # Keys that may differ when a run resumes: they change how it runs, not what it computes.
 RESUMABLE_CHANGES = ("data.data_dir", "data.num_workers", "data.num_threads", "data.prefetch",
                      "log_every_steps", "progress_bar", "tensorboard", "async_checkpoint",
-                     "stop_after_steps", "distributed", "parallelism")
+                     "stop_after_steps", "distributed", "parallelism", "checkpoint_every_epochs")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -131,6 +134,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.batch_size must be positive, got {config.batch_size}")
   if config.num_steps is None and not config.num_epochs > 0:
     raise ValueError(f"config.num_epochs must be positive, got {config.num_epochs}")
+  for key in ("eval_every_epochs", "checkpoint_every_epochs"):
+    value = config[key]
+    if value is not None and not value > 0:
+      raise ValueError(f"config.{key} must be positive (in epochs; 0.5 is every half epoch), "
+                       f"got {value}")
   if not 0 <= config.ema_decay < 1:
     raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
   if config.freeze_body and not config.init_from:

@@ -107,6 +107,7 @@ class _Run:
   total_steps: int
   steps_per_epoch: int
   eval_every: int
+  checkpoint_every: int | None
   schedule: Any
   tx: Any
   step_config: steps.StepConfig
@@ -162,6 +163,8 @@ def build(config: ml_collections.ConfigDict) -> _Run:
   steps_per_epoch = train_batches.steps_per_epoch
   total_steps = config.num_steps or max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
   eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
+  checkpoint_every = (max(1, int(round(config.checkpoint_every_epochs * steps_per_epoch)))
+                      if config.checkpoint_every_epochs else None)
   o = config.optimizer
   schedule = optim.schedule_shape(
       o.schedule, total_steps, steps_per_epoch, warmup_epochs=o.warmup_epochs,
@@ -192,6 +195,7 @@ def build(config: ml_collections.ConfigDict) -> _Run:
   return _Run(model=model, num_classes=num_classes, train_batches=train_batches,
               eval_batches=eval_batches, image_shape=image_shape,
               total_steps=total_steps, steps_per_epoch=steps_per_epoch, eval_every=eval_every,
+              checkpoint_every=checkpoint_every,
               schedule=schedule, tx=tx, step_config=step_config,
               step_description=(step_description if step_cache.is_cnnjax_model(model) else None))
 
@@ -477,6 +481,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
           eval_metrics = _evaluate(devices, step_state, run, config)
           writer.write(step, "eval", eval_metrics)
           save(step, eval_metrics)
+          writer.reset_timer(step)
+          stepping_since = time.perf_counter()
+        elif run.checkpoint_every and step % run.checkpoint_every == 0:
+          stepping_seconds += time.perf_counter() - stepping_since
+          save(step, None)
           writer.reset_timer(step)
           stepping_since = time.perf_counter()
         if step >= stop_at:

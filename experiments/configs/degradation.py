@@ -48,6 +48,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   t.optimizer.warmup_epochs = 0.5
   t.optimizer.weight_decay = 1e-4
   t.eval_every_epochs = 5.0
+  t.checkpoint_every_epochs = 1.0  # a killed trial loses at most an epoch
   t.log_every_steps = 10
   if variant == "smoke":
     config.models = ("plain20", "resnet20")

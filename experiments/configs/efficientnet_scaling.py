@@ -80,6 +80,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   t.optimizer.weight_decay_mode = "decoupled"
   t.optimizer.warmup_epochs = 0.5
   t.eval_every_epochs = 10.0
+  t.checkpoint_every_epochs = 1.0  # a killed trial loses at most an epoch
   t.log_every_steps = 25
   t.progress_bar = False
   if variant == "official":
