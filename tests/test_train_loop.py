@@ -30,11 +30,13 @@ TINY = {"data.image_size": 16, "data.train_crop": "pad_crop", "data.pad": 2, "da
         "fast_compile": True}
 
 
-def _worker(workdir, overrides, devices=1, process=None, wait=True):
+def _worker(workdir, overrides, devices=1, process=None, wait=True, cache=None):
   command = [sys.executable, str(WORKER), str(workdir), json.dumps(overrides), str(devices)]
   if process is not None:
     command += [str(p) for p in process]
   env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+  if cache is not None:
+    env["CNNJAX_TEST_CACHE"] = str(cache)
   proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
   if not wait:
@@ -131,15 +133,20 @@ def test_checkpoints_between_evaluations_resume_to_the_same_params(reference_run
   # One evaluation at the end; checkpoints every 6 steps. Evaluation changes nothing that
   # training computes, so the params must equal the reference's, which evaluated every 4.
   sparse = {**overrides, "eval_every_epochs": 40 / 44, "checkpoint_every_epochs": 6 / 44}
-  _worker(tmp_path, {**sparse, "stop_after_steps": 14})
-  assert _committed_steps(tmp_path / "checkpoints") == [12, 14]  # 14: where it stopped
-  shutil.rmtree(tmp_path / "checkpoints" / "14")  # resume from the one between evaluations
-  _worker(tmp_path, sparse)
-  assert _committed_steps(tmp_path / "checkpoints") == [36, 40]
-  assert _max_diff(_params(reference), _params(tmp_path)) == 0.0
-  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  cache = tmp_path / "cache"  # cold, so the first part must compile
+  _worker(tmp_path / "run", {**sparse, "stop_after_steps": 14}, cache=cache)
+  assert _committed_steps(tmp_path / "run" / "checkpoints") == [12, 14]  # 14: where it stopped
+  shutil.rmtree(tmp_path / "run" / "checkpoints" / "14")  # resume from the one in between
+  _worker(tmp_path / "run", sparse, cache=cache)
+  assert _committed_steps(tmp_path / "run" / "checkpoints") == [36, 40]
+  assert _max_diff(_params(reference), _params(tmp_path / "run")) == 0.0
+  records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
   assert {"event": "resume", "step": 12} in records
   assert [r["step"] for r in records if r.get("split") == "eval"] == [14, 40]
+  # stop_after_steps changes when the run stops, not its step: the resumed part loads the
+  # compiled step the first part wrote instead of tracing it again.
+  compiles = [r for r in records if r.get("split") == "compile"]
+  assert [r["from_step_cache"] for r in compiles] == [0.0, 1.0]
 
 
 def test_a_corrupt_newest_checkpoint_resumes_from_the_one_before(reference_run, tmp_path):

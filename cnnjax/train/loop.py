@@ -188,8 +188,13 @@ def build(config: ml_collections.ConfigDict) -> _Run:
                                  ghost_batch_norm=config.ghost_batch_norm, trainable=trainable)
   image_shape = (image_size, image_size, channels)
   # The steps close over the model, optimizer and schedule: all of them come from the
-  # config and these numbers derived from the dataset.
-  step_description = {"config": config.to_dict(), "num_classes": num_classes,
+  # config and these numbers derived from the dataset. Keys that only change how the run
+  # goes (where the data lives, when it stops or logs) are left out, so a resumed or
+  # relocated run finds its step again; the parallelism stays, since it picks the program.
+  how_it_runs = tuple(k for k in config_lib.RESUMABLE_CHANGES if k != "parallelism")
+  step_description = {"config": {k: v for k, v in _flat(config).items()
+                                 if not k.startswith(how_it_runs)},
+                      "num_classes": num_classes,
                       "image_shape": image_shape, "total_steps": total_steps,
                       "steps_per_epoch": steps_per_epoch}
   return _Run(model=model, num_classes=num_classes, train_batches=train_batches,
