@@ -1,6 +1,5 @@
 """EfficientNet and MobileNet: stage data, scaling rules and the original's details."""
 
-import math
 
 import jax
 import jax.numpy as jnp
