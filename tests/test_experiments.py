@@ -207,8 +207,8 @@ def test_the_degradation_verdict_needs_a_gap_beyond_both_spreads():
   tie = degradation.depth_verdict("Residual", "resnet20", "resnet56", [0.10, 0.12, 0.11],
                                   [0.02, 0.10, 0.18])
   assert tie.endswith("no difference beyond the seeds' spread.")
-  one = degradation.depth_verdict("Plain", "plain20", "plain56", [0.1], [0.3])
-  assert "needs at least two" in one
+  one = degradation.depth_verdict("Plain", "plain20", "plain56", [0.1, 0.12, 0.11], [0.3])
+  assert one == "Plain: plain56 finished one seed only; a verdict needs at least two per model."
 
 
 def test_plateau_change_reads_a_falling_and_a_flat_loss():

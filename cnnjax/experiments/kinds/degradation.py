@@ -91,7 +91,9 @@ def depth_verdict(family: str, shallow: str, deep: str, shallow_finals: list,
   if mean_s is None or mean_d is None:
     return f"{family}: not all trials finished."
   if std_s is None or std_d is None:
-    return f"{family}: one seed each; a verdict needs at least two per model."
+    short = [name for name, std in ((shallow, std_s), (deep, std_d)) if std is None]
+    return (f"{family}: {' and '.join(short)} finished one seed only; a verdict needs at "
+            "least two per model.")
 
   def pct(mean, std):
     return f"{100 * mean:.2f}% ± {100 * std:.2f}"
