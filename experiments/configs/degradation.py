@@ -7,7 +7,7 @@ Smoke:  python -m experiments.run --config experiments/configs/degradation.py:sm
 
 Trains plain-20, plain-56, resnet-20 and resnet-56 (CIFAR layout, option A
 shortcuts) with three seeds each on the same data and budget: the procedural
-scenes (24 classes of two objects' relation x fine texture, rendered at 64 px
+scenes (36 classes of two objects' relation x fine texture, rendered at 64 px
 and read at 32 px, where the finest textures alias), hard enough that neither
 residual network reaches zero training error. Plots every seed's training
 error and loss (training_error.png, training_loss.png), checks each trial's
