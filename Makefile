@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# glibc malloc settings under which XLA:CPU reuses its step buffers (cnnjax/host_allocator.py);
+# CNNJAX_HOST_ALLOCATOR=0 leaves them out.
+WITH_ALLOCATOR = env $$($(BIN)/python -m cnnjax.host_allocator)
 
 .PHONY: install test test-torch run bench bench-accelerator clean
 
@@ -17,10 +20,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -q -m "not torch"
+	$(WITH_ALLOCATOR) $(BIN)/python -m pytest -n 2 --dist loadgroup -q -m "not torch"
 
 run: $(STAMP)
-	$(BIN)/python -m experiments.run $(ARGS)
+	$(WITH_ALLOCATOR) $(BIN)/python -m experiments.run $(ARGS)
 
 # PyTorch and torchvision are only the benchmark's peer; they are not dependencies of cnnjax.
 # (PyPI's wheels: the CPU kernels are the same as the CPU-only build's.)
@@ -38,14 +41,14 @@ $(TORCH_STAMP): $(BENCH_STAMP)
 	touch $(TORCH_STAMP)
 
 test-torch: $(TORCH_STAMP)
-	$(BIN)/python -m pytest -n 2 -q -m torch tests/test_weights_torch.py
+	$(WITH_ALLOCATOR) $(BIN)/python -m pytest -n 2 -q -m torch tests/test_weights_torch.py
 
 bench: $(BENCH_STAMP)
-	$(BIN)/python -m benchmarks.train_step $(ARGS)
+	$(WITH_ALLOCATOR) $(BIN)/python -m benchmarks.train_step $(ARGS)
 
 # On a machine with an accelerator, jax's plugin for it and PyTorch (see BENCHMARKS.md).
 bench-accelerator: $(BENCH_STAMP)
-	$(BIN)/python -m benchmarks.accelerator $(ARGS)
+	$(WITH_ALLOCATOR) $(BIN)/python -m benchmarks.accelerator $(ARGS)
 
 clean:
 	rm -rf $(VENV) .jax_cache .pytest_cache

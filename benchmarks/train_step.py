@@ -221,7 +221,7 @@ def main(argv=None) -> None:
   import torch
 
   from benchmarks import common
-  from cnnjax import xla_cpu
+  from cnnjax import host_allocator, xla_cpu
   from cnnjax.models import tuning
 
   peak = matmul_peak()
@@ -274,6 +274,7 @@ def main(argv=None) -> None:
       "command": "python -m benchmarks.train_step " + " ".join(argv or sys.argv[1:]),
       "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "cnnjax_xla_cpu": xla_cpu.state(),
+      "host_allocator": host_allocator.state(),
       "tuning": tuning.describe(), "matmul_peak": peak, "rows": rows,
       "compile": compile_record})
   print(f"wrote {path}\n")
@@ -301,4 +302,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
+  from cnnjax import host_allocator
+
+  host_allocator.reexec()  # cnnjax and PyTorch alike run with it; CNNJAX_HOST_ALLOCATOR=0: without
   main()

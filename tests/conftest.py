@@ -27,6 +27,14 @@ os.environ["CNNJAX_TEST_CACHE"] = _CACHE  # subprocess workers share it
 os.environ.setdefault("CNNJAX_TUNING", "off")
 
 
+def without_allocator_settings(env) -> dict:
+  """`env` less cnnjax's allocator settings and their opt-out (see cnnjax.host_allocator)."""
+  from cnnjax import host_allocator  # noqa: PLC0415
+
+  return {k: v for k, v in env.items()
+          if k not in host_allocator.SETTINGS and k != host_allocator.ENV_OPT_OUT}
+
+
 @pytest.fixture(scope="session")
 def reference_models() -> dict:
   path = REFERENCE_DIR / "models.json"

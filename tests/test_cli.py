@@ -1,5 +1,6 @@
 """The command line reads cleanly: one `error:` line per user error, a log without control
-characters, tracebacks or irrelevant warnings, counts as integers."""
+characters, tracebacks or irrelevant warnings, counts as integers; it runs with the allocator
+settings (cnnjax.host_allocator) and says so."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import sys
 
 import pytest
 
+from cnnjax import host_allocator
 from cnnjax.experiments import cli
-from tests.conftest import REPO
+from tests.conftest import REPO, without_allocator_settings
 
 QUICKSTART = f"--config={REPO / 'experiments' / 'configs' / 'quickstart.py'}:smoke"
 
@@ -75,9 +77,12 @@ def test_a_log_file_reads_like_a_report(tmp_path):
                           "--config.train.num_steps=20", "--config.train.log_every_steps=2",
                           "--cache_dir="],
                          cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, timeout=600,
-                         env={**os.environ, "CNNJAX_DATA_DIR": str(tmp_path / "data")})
+                         env={**without_allocator_settings(os.environ),
+                              "CNNJAX_DATA_DIR": str(tmp_path / "data")})
   text = log.read_text()
   assert out.returncode == 0, text[-3000:]
+  if host_allocator.supported():  # started without the settings, the command re-executed itself
+    assert "host allocator: active" in text.splitlines()
   assert "\r" not in text and "\x1b" not in text
   assert "OpenCV" not in text and "Traceback" not in text
   assert "train step 20/20 (100%): loss " in text

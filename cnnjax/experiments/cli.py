@@ -163,7 +163,10 @@ def _main(argv: list[str]) -> int:
           file=sys.stderr)
     return 2
   print(f"experiment {config.name}{f' ({variant})' if variant else ''}: {config.description}")
-  print(f"workdir {workdir}", flush=True)
+  print(f"workdir {workdir}")
+  from cnnjax import host_allocator  # noqa: PLC0415
+
+  print(f"host allocator: {host_allocator.state()}", flush=True)
   from cnnjax.experiments import launch  # noqa: PLC0415
 
   launcher = None

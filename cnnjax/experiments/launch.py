@@ -26,7 +26,7 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 
-from cnnjax import lease
+from cnnjax import host_allocator, lease
 
 INSTALL = "pip install 'cnnjax[ray]'"
 MAX_RETRIES = 3
@@ -110,7 +110,8 @@ class RayLauncher:
                         f"have {[{k: v for k, v in n.items() if not k.startswith('node:')} for n in nodes]}")
 
   def _worker_env(self) -> dict:
-    env = {"PYTHONUNBUFFERED": "1"}
+    # Workers start from the raylet, not from this process: they need the allocator settings.
+    env = {"PYTHONUNBUFFERED": "1", **host_allocator.child_settings()}
     flags = os.environ.get("XLA_FLAGS", "")
     if _FORCED_DEVICES.search(flags):  # a trial sees the host devices its CPUs pay for
       devices = max(1, int(float(self.resources.get("CPU", 1))))
