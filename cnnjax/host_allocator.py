@@ -54,8 +54,15 @@ def supported() -> bool:
   return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 
+_OFF, _ON = ("0", "off", "false", "no"), ("", "1", "on", "true", "yes")
+
+
 def _opted_out(env: Mapping[str, str]) -> bool:
-  return env.get(ENV_OPT_OUT, "").strip().lower() in ("0", "off", "false", "no")
+  value = env.get(ENV_OPT_OUT, "").strip().lower()
+  if value not in _OFF + _ON:
+    raise ValueError(f"{ENV_OPT_OUT}={env[ENV_OPT_OUT]!r} is neither on nor off: set it to 0 "
+                     "to start without the allocator settings, or 1 (the default) to use them")
+  return value in _OFF
 
 
 def child_settings(env: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -6,5 +6,9 @@ from cnnjax import host_allocator
 from cnnjax.experiments.cli import main
 
 if __name__ == "__main__":
-  host_allocator.reexec()  # once, so that XLA:CPU's step buffers are reused (see its docstring)
+  try:  # once, so that XLA:CPU's step buffers are reused (see cnnjax.host_allocator)
+    host_allocator.reexec()
+  except ValueError as error:  # a bad CNNJAX_HOST_ALLOCATOR
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
   sys.exit(main())

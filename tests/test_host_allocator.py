@@ -14,7 +14,7 @@ import pytest
 
 from cnnjax import host_allocator
 from cnnjax.experiments import launch
-from tests.conftest import without_allocator_settings
+from tests.conftest import REPO, without_allocator_settings
 
 pytestmark = pytest.mark.skipif(not host_allocator.supported(), reason="Linux with glibc only")
 
@@ -92,3 +92,16 @@ def test_ray_trial_workers_start_with_the_settings(monkeypatch):
   assert host_allocator.SETTINGS.items() <= launcher._worker_env().items()
   monkeypatch.setenv(host_allocator.ENV_OPT_OUT, "0")
   assert not set(host_allocator.SETTINGS) & set(launcher._worker_env())
+
+
+def test_a_bad_opt_out_value_names_the_valid_ones():
+  with pytest.raises(ValueError, match=r"CNNJAX_HOST_ALLOCATOR='maybe' is neither on nor off: "
+                                       r"set it to 0 .* or 1"):
+    host_allocator.child_settings({"CNNJAX_HOST_ALLOCATOR": "maybe"})
+  out = subprocess.run([sys.executable, "-m", "experiments.run", "--list"], cwd=REPO,
+                       env=_clean_env(CNNJAX_HOST_ALLOCATOR="maybe"), capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 2 and out.stdout == ""
+  assert out.stderr.strip().splitlines() == [
+      "error: CNNJAX_HOST_ALLOCATOR='maybe' is neither on nor off: set it to 0 to start without "
+      "the allocator settings, or 1 (the default) to use them"]
