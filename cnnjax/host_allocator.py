@@ -25,7 +25,8 @@ whether this process runs with them, and why not.
 
 Cost. The process keeps its peak heap until it exits, as a caching allocator
 does (the heap settles after a few steps: 8 calls of a computation with a 64
-MiB output), and its threads share one arena's lock. Measured on a 2-core
+MiB output), and its threads share one arena's lock, which slowed a
+compilation-bound test by 30% (so `make test` opts out). Measured on a 2-core
 AMD EPYC (BENCHMARKS.md): experiment trials pinned to one core each trained
 1.3-1.5x faster, and `make bench` put 18 of 20 cells at or below 0.9x
 PyTorch's step time against 12 without (both frameworks in the same process,
