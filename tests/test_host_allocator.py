@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(not host_allocator.supported(), reason="Linux wi
 
 PAGE = 4096
 BUFFER_BYTES = 2048 * 8192 * 4  # the output of each call below: 64 MiB, above any mmap threshold
+CALLS = 20
 
 FAULTS = textwrap.dedent("""
     import resource
@@ -27,15 +28,17 @@ FAULTS = textwrap.dedent("""
     from cnnjax import host_allocator
     x = jnp.ones((2048, 8192), jnp.float32)
     double = jax.jit(lambda x: x * 2.0).lower(x).compile()
-    for _ in range(12):  # the heap grows over the first few calls (8 here), then stays
+    # With the settings the heap grows over the first calls (8 alone, more on a busy machine,
+    # where buffers are freed later), then stays.
+    for _ in range(40):
       jax.block_until_ready(double(x))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
+    for _ in range(CALLS):
       jax.block_until_ready(double(x))
     after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     print(host_allocator.state())
-    print((after - before) / 5)
-""")
+    print(after - before)
+""").replace("CALLS", str(CALLS))
 
 
 def _clean_env(**extra) -> dict:
@@ -54,8 +57,10 @@ def test_with_the_settings_a_compiled_call_reuses_its_buffers_instead_of_faultin
   with_state, with_settings = _python(FAULTS, _clean_env(**host_allocator.SETTINGS))
   assert without_state.startswith("inactive") and with_state == "active"
   pages = BUFFER_BYTES / PAGE
-  assert float(without) >= 0.5 * pages   # the 64 MiB output is faulted in on every call
-  assert float(with_settings) < 0.02 * pages
+  # Without: the 64 MiB output is faulted in on every call. With: a few calls may still
+  # grow the heap (a late free on a busy machine); at least 16 of the 20 fault nothing.
+  assert int(without) >= 0.9 * CALLS * pages
+  assert int(with_settings) <= 4 * pages
 
 
 REEXEC = ("from cnnjax import host_allocator as h\n"
