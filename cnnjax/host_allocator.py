@@ -16,7 +16,7 @@ process starts; so, unlike `cnnjax.xla_cpu`, `import cnnjax` cannot apply
 them. Instead:
 - `python -m experiments.run` and `python -m benchmarks.train_step` call
   `reexec()`, which starts the same command again, once, with them;
-- `make` targets and Ray's trial workers start with them (`child_settings`);
+- `make run`, `make bench` and Ray's trial workers start with them (`child_settings`);
 - a notebook's kernel gets them from its launcher:
   `env $(python -m cnnjax.host_allocator) jupyter lab`.
 They are not added where `CNNJAX_HOST_ALLOCATOR=0` (the opt-out), where the
