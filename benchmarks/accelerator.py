@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -170,7 +171,9 @@ def pipeline_rates(workers: list[int], size: int, batch: int = 128, batches: int
   rates = {}
   with tempfile.TemporaryDirectory() as tmp:
     native = max(16, size * 8 // 7 // 16 * 16)  # 256 for 224: crops from a larger image
-    source = input_pipeline._source(pathlib.Path(tmp), native, batch * (batches + 4))
+    # Two batches of images, read over and over: reading, decoding and augmenting cost the
+    # same for an image seen before, and rendering them is slow (~12 images/s per core).
+    source = input_pipeline._source(pathlib.Path(tmp), native, 2 * batch)
     for count in workers:
       rates[f"workers_{count}"] = round(input_pipeline.pipeline_rate(
           source, size, batch, threads=2, batches=batches, workers=count), 1)
@@ -179,7 +182,8 @@ def pipeline_rates(workers: list[int], size: int, batch: int = 128, batches: int
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--models", default="resnet50,efficientnet_b0")
+  parser.add_argument("--models", default="resnet50,efficientnet_b0",
+                      help="'' times the input pipeline alone")
   parser.add_argument("--size", type=int, default=224)
   parser.add_argument("--peak_n", type=int, default=8192, help="matmul size of the peak")
   parser.add_argument("--batches", default="128,256")
@@ -189,10 +193,14 @@ def main(argv=None) -> None:
   parser.add_argument("--pipeline_workers", default="0,4,8,12",
                       help="grain worker processes to time the input pipeline with ('' skips)")
   parser.add_argument("--pipeline_batch", type=int, default=128)
+  parser.add_argument("--pipeline_batches", type=int, default=20, help="batches timed per count")
   parser.add_argument("--no_torch", action="store_true", help="time cnnjax alone")
   parser.add_argument("--output", default="accelerator")
   args = parser.parse_args(argv)
 
+  # PyTorch runs in this process too: JAX's default of taking 75% of the card's memory
+  # up front would leave it too little for ResNet-50 at batch 256.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   import jax
 
   from benchmarks import common
@@ -204,7 +212,20 @@ def main(argv=None) -> None:
   peaks = {dtype: matmul_peak_tflops(dtype, args.peak_n) for dtype in dtypes}
   print(f"matmul peak (TFLOP/s): {peaks}", flush=True)
   rows, errors = [], []
-  for name in args.models.split(","):
+  torch_version = None
+  if not args.no_torch:
+    import torch
+    torch_version = torch.__version__
+
+  def record(pipeline: dict) -> pathlib.Path:
+    # Rewritten after every row, so a run stopped part-way keeps what it measured.
+    return common.write(args.output, {
+        "command": "python -m benchmarks.accelerator " + " ".join(argv or sys.argv[1:]),
+        "device": device.device_kind, "jax": jax.__version__, "size": args.size,
+        "torch": torch_version, "matmul_peak_tflops": peaks, "rows": rows, "errors": errors,
+        "input_pipeline": pipeline})
+
+  for name in filter(None, args.models.split(",")):
     for batch in map(int, args.batches.split(",")):
       for dtype in dtypes:
         try:
@@ -233,18 +254,12 @@ def main(argv=None) -> None:
                                            if torch_s else None))
         rows.append(dataclasses.asdict(row))
         print(json.dumps(rows[-1]), flush=True)
+        record({"pending": "training rows first"})
   workers = [int(w) for w in args.pipeline_workers.split(",") if w]
-  pipeline = (pipeline_rates(workers, args.size, args.pipeline_batch) if workers
+  pipeline = (pipeline_rates(workers, args.size, args.pipeline_batch, args.pipeline_batches) if workers
               else {"skipped": "--pipeline_workers ''"})
   print(f"input pipeline at {args.size} px: {pipeline}", flush=True)
-  torch_version = None
-  if not args.no_torch:
-    import torch
-    torch_version = torch.__version__
-  path = common.write(args.output, {
-      "command": "python -m benchmarks.accelerator " + " ".join(argv or sys.argv[1:]),
-      "device": device.device_kind, "size": args.size, "torch": torch_version, "matmul_peak_tflops": peaks,
-      "rows": rows, "errors": errors, "input_pipeline": pipeline})
+  path = record(pipeline)
   print(f"wrote {path}\n")
   print(markdown(rows))
 
