@@ -55,7 +55,8 @@ def _backends_started() -> bool:
     return True
 
 
-def _accelerator_plugins() -> list[str]:
+def accelerator_plugins() -> list[str]:
+  """JAX plugins for an accelerator (CUDA, ROCm, TPU) installed in this environment."""
   plugins = []
   if importlib.util.find_spec("jax_plugins") is not None:
     import jax_plugins  # noqa: PLC0415
@@ -75,7 +76,7 @@ def apply() -> str:
     reason = f"opted out ({ENV_OPT_OUT}={os.environ[ENV_OPT_OUT]})"
   elif OPTION in flags:
     reason = "XLA_FLAGS already sets it"
-  elif plugins := _accelerator_plugins():
+  elif plugins := accelerator_plugins():
     reason = f"accelerator plugins installed ({', '.join(plugins)})"
   elif _measured_ynnpack_faster():
     reason = "this machine measured YNNPACK's convolutions faster"

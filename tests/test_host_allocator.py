@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from cnnjax import host_allocator
+from cnnjax import host_allocator, xla_cpu
 from cnnjax.experiments import launch
 from tests.conftest import REPO, without_allocator_settings
 
@@ -88,6 +88,20 @@ def test_children_get_the_settings_unless_opted_out_or_set_by_the_user():
   assert host_allocator.child_settings({"MALLOC_MMAP_MAX_": "8"}) == {"MALLOC_MMAP_MAX_": "8"}
 
 
+def test_with_an_accelerator_plugin_the_settings_need_asking_for(monkeypatch):
+  monkeypatch.setattr(xla_cpu, "accelerator_plugins", lambda: ["xla_cuda13"])
+  assert host_allocator.child_settings({}) == {}
+  assert host_allocator.child_settings({"CNNJAX_HOST_ALLOCATOR": "1"}) == host_allocator.SETTINGS
+  assert host_allocator.child_settings({"CNNJAX_HOST_ALLOCATOR": "0"}) == {}
+  monkeypatch.delenv(host_allocator.ENV_OPT_OUT, raising=False)
+  monkeypatch.setattr(host_allocator, "active", lambda: False)
+  assert host_allocator.state() == (
+      "not applied: accelerator plugins installed (xla_cuda13); the settings were measured for "
+      "XLA:CPU only (CNNJAX_HOST_ALLOCATOR=1 applies them)")
+  monkeypatch.setattr(xla_cpu, "accelerator_plugins", lambda: [])
+  assert host_allocator.child_settings({}) == host_allocator.SETTINGS
+
+
 def test_ray_trial_workers_start_with_the_settings(monkeypatch):
   for name in host_allocator.SETTINGS:
     monkeypatch.delenv(name, raising=False)
@@ -109,4 +123,5 @@ def test_a_bad_opt_out_value_names_the_valid_ones():
   assert out.returncode == 2 and out.stdout == ""
   assert out.stderr.strip().splitlines() == [
       "error: CNNJAX_HOST_ALLOCATOR='maybe' is neither on nor off: set it to 0 to start without "
-      "the allocator settings, or 1 (the default) to use them"]
+      "the allocator settings, or 1 to use them (unset: used unless a JAX accelerator plugin "
+      "is installed)"]
