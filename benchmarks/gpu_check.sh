@@ -8,9 +8,9 @@
 #    batch 128 and 256, against PyTorch on the same card), 2. smoke: `efficientnet_scaling:smoke`
 #    on the GPU, 3. fp32: the same benchmark in float32, 4. pipeline: the input pipeline at
 #    224 px with 0-12 grain workers. Each part has its own time limit, so one slow part cannot
-#    take the others' time, and the benchmark rewrites its JSON after every row. All four
-#    take about 15 minutes on an H100 machine (compiling EfficientNet-B0 for the GPU alone took
-#    more than 105 s), more than one 10-minute device call: name the parts to split them. Packages
+#    take the others' time, and the benchmark rewrites its JSON after every row. The limits
+#    add up to 16 minutes (on an H100 machine EfficientNet-B0's step had not compiled and
+#    warmed up in 105 s), more than one 10-minute device call: name the parts to split them. Packages
 #    the image lacks (tensorflow-datasets, grain, ml_collections, array_record and their needs)
 #    are installed from wheels in .whl/ when that folder exists (BENCHMARKS.md lists them).
 set -u
