@@ -40,10 +40,11 @@ conv = jax.jit(lambda x, w: lax.conv_general_dilated(jnp.maximum(x, 0), w, (1, 1
 a, b = jnp.ones((64, 128)), jnp.ones((128, 256))
 mlp = jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.tanh(jnp.maximum(a @ b, 0.1)) ** 2) + jnp.sum(a * a)))
 # A model's training gradient jitted as a user would, and as cnnjax's steps compile it
-# (widths above 16: YNNPACK leaves narrower convolutions to XLA anyway).
+# (widths above 16: YNNPACK leaves narrower convolutions to XLA anyway; depth 8, one block
+# per stage: this program is compiled four times in these tests).
 same = None
 if order == "import first":
-  model = cnnjax.create_model("resnet20", num_classes=3, widths=(24, 24, 24))
+  model = cnnjax.create_model("resnet20", num_classes=3, widths=(24, 24, 24), depth=8)
   images = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
   def loss(params, batch_stats, images):
