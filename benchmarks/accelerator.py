@@ -254,7 +254,7 @@ def main(argv=None) -> None:
                                            if torch_s else None))
         rows.append(dataclasses.asdict(row))
         print(json.dumps(rows[-1]), flush=True)
-        record({"pending": "training rows first"})
+        record({"pending": "timed after the training rows"})
   workers = [int(w) for w in args.pipeline_workers.split(",") if w]
   pipeline = (pipeline_rates(workers, args.size, args.pipeline_batch, args.pipeline_batches) if workers
               else {"skipped": "--pipeline_workers ''"})
