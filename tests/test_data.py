@@ -329,6 +329,28 @@ def test_preprocessing_geometry_and_normalisation():
                             preprocess.resize(image, (20, 20), "bilinear"))
 
 
+@pytest.mark.parametrize("channels,stored", [(3, 3), (1, 1), (3, 1), (1, 3)])
+def test_normalisation_equals_the_float32_formula_bit_for_bit(channels, stored):
+  # Every value in every channel, contiguous and as a flipped (strided) view, as training sees it.
+  mean, std = (0.485, 0.456, 0.406)[:channels], (0.229, 0.224, 0.225)[:channels]
+  pre = data.Preprocessing(image_size=16, channels=channels, mean=mean, std=std)
+  values = np.arange(256, dtype=np.uint8)
+  image = np.stack([np.roll(values, 7 * c) for c in range(stored)], -1).reshape(16, 16, stored)
+  for view in (image, image[:, ::-1]):
+    if stored == 1 and channels == 3:
+      want = np.repeat(view, 3, axis=-1)
+    elif stored == 3 and channels == 1:
+      want = np.round(view @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)[..., None]
+    else:
+      want = view
+    want = (want.astype(np.float32) / 255.0 - np.float32(mean)) / np.float32(std)
+    got = pre._finish(view)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+  # Not uint8 (a float image): computed directly, with the same result.
+  np.testing.assert_array_equal(pre._finish(image.astype(np.float32)), pre._finish(image))
+
+
 def test_rand_augment_is_a_function_of_its_generator():
   image = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
   a = preprocess.rand_augment(image, np.random.default_rng(5), 3, 15)
