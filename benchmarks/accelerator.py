@@ -197,6 +197,8 @@ def main(argv=None) -> None:
   parser.add_argument("--no_torch", action="store_true", help="time cnnjax alone")
   parser.add_argument("--output", default="accelerator")
   args = parser.parse_args(argv)
+  if args.pipeline_batches < 1:
+    parser.error(f"--pipeline_batches must be at least 1, got {args.pipeline_batches}")
 
   # PyTorch runs in this process too: JAX's default of taking 75% of the card's memory
   # up front would leave it too little for ResNet-50 at batch 256.

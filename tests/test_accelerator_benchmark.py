@@ -32,3 +32,12 @@ def test_the_accelerator_benchmark_runs_and_records_its_rows(tmp_path, monkeypat
     ("NVIDIA H100 PCIe", "bfloat16", 756.0), ("cpu", "bfloat16", None)])
 def test_datasheet_peaks_by_device_kind(kind, dtype, peak):
   assert accelerator.datasheet_tflops(kind, dtype) == peak
+
+
+def test_a_pipeline_batch_count_below_one_is_refused(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(common, "RESULTS", tmp_path)
+  with pytest.raises(SystemExit) as exit_:
+    accelerator.main(["--models", "", "--pipeline_batches", "0"])
+  assert exit_.value.code == 2
+  assert "--pipeline_batches must be at least 1, got 0" in capsys.readouterr().err
+  assert list(tmp_path.iterdir()) == []
