@@ -212,6 +212,39 @@ def test_tf_backend_gives_the_same_examples(tmp_path):
     np.testing.assert_array_equal(via_tf[i]["image"], via_grain[i]["image"])
 
 
+def test_a_split_held_in_memory_gives_the_identical_training_and_eval_batches(digits_data_dir):
+  pre = data.Preprocessing(image_size=8, channels=1, mean=(0.5,), std=(0.25,),
+                           train_crop="random_resized", crop_scale=(0.5, 1.0), flip=True)
+  for split in ("train", "test"):
+    read = data.data_source("digits", split, digits_data_dir)
+    held = data.data_source("digits", split, digits_data_dir, in_memory=True)
+    assert isinstance(held, data.ArraySource) and len(held) == len(read)
+    assert held.images.shape == (len(read), 8, 8, 1) and held.images.dtype == np.uint8
+    batches = [TrainBatches(source, pre, global_batch=32, seed=5) for source in (read, held)]
+    for step in (0, 7, batches[0].steps_per_epoch + 3):  # two epochs, two orders
+      expected, got = batches[0](step), batches[1](step)
+      for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
+    evals = [[EvalBatches(source, pre, 64)(i) for i in range(2)] for source in (read, held)]
+    for expected, got in zip(*evals, strict=True):
+      for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_holding_a_split_in_memory_refuses_varying_sizes_and_too_much_memory(monkeypatch):
+  source = _indexed_source(10)
+  with pytest.raises(data.DatasetError, match=r"varying size.*in_memory=False"):
+    datasets.hold_in_memory(source, (None, None, 3), "folder[train]")
+  # 10 images of 4x4x1 are 160 bytes: a machine of 300 bytes may hold half of it.
+  monkeypatch.setattr(datasets, "_physical_memory", lambda: 300)
+  with pytest.raises(data.DatasetError, match=r"10 images of \(4, 4, 1\).*in_memory=False"):
+    datasets.hold_in_memory(source, (4, 4, 1), "tiny[train]")
+  monkeypatch.setattr(datasets, "_physical_memory", lambda: 400)
+  held = datasets.hold_in_memory(source, (4, 4, 1), chunk=3)  # chunks that do not divide 10
+  np.testing.assert_array_equal(held.images, source.images)
+  np.testing.assert_array_equal(held.labels, source.labels)
+
+
 # -- pipelines -------------------------------------------------------------------------------
 
 

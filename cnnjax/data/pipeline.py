@@ -25,6 +25,7 @@ import grain
 import jax
 import numpy as np
 
+from cnnjax.data.datasets import read_examples
 from cnnjax.data.preprocess import Preprocessing
 
 
@@ -50,17 +51,6 @@ class Sharding:
 def _stack(examples: list[dict], images: list[np.ndarray]) -> dict[str, np.ndarray]:
   return {"image": np.stack(images),
           "label": np.asarray([int(e["label"]) for e in examples], np.int32)}
-
-
-def _read(source, indices) -> list[dict]:
-  keys = [int(i) for i in indices]
-  getitems = getattr(source, "__getitems__", None)
-  if getitems is not None:  # one batched read where the source has it (array_record does)
-    try:
-      return list(getitems(keys))
-    except TypeError:  # tfds.testing.mock_data's __getitems__ is unbound; read one by one
-      pass
-  return [source[k] for k in keys]
 
 
 class TrainBatches:
@@ -98,7 +88,7 @@ class TrainBatches:
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     epoch, positions = self.positions(step)
     order = self.epoch_order(epoch)
-    examples = _read(self.source, order[positions])
+    examples = read_examples(self.source, order[positions])
     images = [self.preprocessing.train(np.asarray(e["image"]),
                                        np.random.default_rng([self.seed, epoch, int(p), 1]))
               for e, p in zip(examples, positions)]
@@ -123,7 +113,7 @@ class EvalBatches:
     positions = np.arange(index * self.global_batch, (index + 1) * self.global_batch)[self.rows]
     real = positions < self.size
     rows = np.where(real, positions, 0)
-    examples = _read(self.source, rows)
+    examples = read_examples(self.source, rows)
     images = [self.preprocessing.eval(np.asarray(e["image"])) for e in examples]
     batch = _stack(examples, images)
     batch["mask"] = real.astype(np.float32)

@@ -153,10 +153,10 @@ def build(config: ml_collections.ConfigDict) -> _Run:
   if eval_batch % jax.device_count():
     raise ValueError(f"config.eval_batch_size={eval_batch} must be divisible by the number of "
                      f"devices ({jax.device_count()})")
-  train_source = data_lib.data_source(config.data.dataset, config.data.train_split,
-                                      config.data.data_dir, config.data.backend)
-  eval_source = data_lib.data_source(config.data.dataset, config.data.eval_split,
-                                     config.data.data_dir, config.data.backend)
+  train_source, eval_source = (
+      data_lib.data_source(config.data.dataset, split, config.data.data_dir, config.data.backend,
+                           in_memory=config.data.in_memory)
+      for split in (config.data.train_split, config.data.eval_split))
   train_batches = data_lib.TrainBatches(train_source, preprocessing, config.batch_size,
                                         config.seed, sharding)
   eval_batches = data_lib.EvalBatches(eval_source, preprocessing, eval_batch, sharding)

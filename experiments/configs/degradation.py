@@ -37,6 +37,8 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   # No flips: a mirrored scene swaps "left" and "right", another class.
   t.data.train_crop, t.data.pad, t.data.flip = "pad_crop", 2, False
   t.data.mean, t.data.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+  # 10,000 scenes at 64 px are 0.12 GB decoded: held, no PNG is decoded per step.
+  t.data.in_memory = True
   t.model_overrides.widths = (8, 16, 32)
   t.batch_size = 128
   # 30 epochs of 10,000 images; the rate drops 10x at 50% and 75%, so the last 20% of the run
