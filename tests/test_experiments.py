@@ -121,6 +121,7 @@ def _scaling_config(**changes):
 
 
 @pytest.mark.parametrize("changes, message", [
+    ({"budget_check": 0.5}, r"budget_check must be 0 \(off\) or a factor above 1.*0.5"),
     ({"grid_alpha": (0.9, 1.2)}, r"alpha >= 1 .*\[0.9\]"),
     ({"tolerance": 0.01}, r"no grid point satisfies .* the closest"),
     ({"base_resolution": 24}, r"resolution 24 is below the network's minimum of 32"),
@@ -172,6 +173,30 @@ def test_the_scaling_verdict_checks_the_premise_and_judges_against_the_spread():
   assert "- phi = 2: compound (71.0%) loses to resolution (91.0%)." in text
   assert "phi = 3" not in text
   assert efficientnet_scaling.scaling_verdict({"compound": {1: [0.8]}}, []) == []
+
+
+def test_the_budget_check_trains_the_base_longer_and_judges_it_against_the_spread():
+  config = _scaling_config(budget_check=2.0)
+  config.train.num_steps, config.train.num_epochs = None, 30.0  # bounded by epochs
+  base = scaling.Point("base", 0, 1.0, 1.0, 1.0, 0.25, 0.1, 32)
+  (trial,) = efficientnet_scaling.budget_trials(config, base)
+  assert trial.overrides["num_epochs"] == 60.0 and trial.info["stage"] == "budget"
+  assert trial.name != base.trial("base").name  # its own point in the tables
+  assert efficientnet_scaling.budget_trials(_scaling_config(budget_check=0), base) == []
+  still_learning = "\n".join(efficientnet_scaling.budget_verdict(
+      [0.70, 0.72, 0.68], [0.80, 0.81, 0.79], 30, 2))
+  assert "not a plateau" in still_learning
+  assert ("30 epochs: 70.0% ± 2.0%; 60 epochs: 80.0% ± 1.0% (3 and 3 seeds)"
+          in still_learning)
+  # A gap inside either spread is no evidence that more training helps.
+  assert "has plateaued" in "\n".join(efficientnet_scaling.budget_verdict(
+      [0.70, 0.75, 0.65], [0.72, 0.73, 0.71], 30, 2))
+  assert efficientnet_scaling.budget_verdict([0.7], [], 30, 2) == []
+  one_seed = "\n".join(efficientnet_scaling.budget_verdict([0.7], [0.9], 40, 2, "steps"))
+  assert "not judged" in one_seed and "40 steps: 70.0% ± n/a; 80 steps: 90.0%" in one_seed
+  smoke = _scaling_config(budget_check=2.0)  # bounded by steps: the check doubles those
+  (trial,) = efficientnet_scaling.budget_trials(smoke, base)
+  assert trial.overrides["num_steps"] == 2 * smoke.train.num_steps
 
 
 def test_fitted_points_meet_their_flops_within_five_percent():

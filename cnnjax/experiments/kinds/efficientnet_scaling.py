@@ -14,6 +14,11 @@ baselines are bisected onto the compound point's FLOPs; all of them land
 within `scaling.FLOPS_TOLERANCE` of the target or the sweep refuses to
 start. The report shows every point's measured FLOPs against 2^phi, each
 trial's training curve and final loss, and whether its loss had plateaued.
+
+Budget: with `scaling.budget_check` the base also trains that many times
+longer, and the report says whether that raised its test accuracy beyond the
+seeds' spread, that is whether the stated budget is one in which the base has
+plateaued.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ def scaling_plan(config) -> tuple[list[scaling.Point], list[tuple[float, float, 
                                      f"got {s.mode!r}")
   if not s.phis or min(s.phis) < 1:
     raise scaling.ScalingConfigError(f"config.scaling.phis must be >= 1, got {tuple(s.phis)}")
+  if s.budget_check and not s.budget_check > 1:
+    raise scaling.ScalingConfigError(
+        f"config.scaling.budget_check must be 0 (off) or a factor above 1 on the training "
+        f"budget, got {s.budget_check}")
   common.with_seeds([], config.seeds)
   candidates = scaling.grid_candidates(tuple(s.grid_alpha), tuple(s.grid_beta),
                                        tuple(s.grid_gamma), s.target, s.tolerance)
@@ -55,6 +64,51 @@ def scaling_plan(config) -> tuple[list[scaling.Point], list[tuple[float, float, 
     later += scaling.official_points(base, list(s.phis))
   scaling.check_resolution(base, [base_point, *step1, *later])
   return [base_point, *step1], candidates
+
+
+def budget_trials(config, base_point: scaling.Point) -> list[Trial]:
+  """The base again at `budget_check` x the training budget: does more training change it?"""
+  factor = config.scaling.budget_check
+  if not factor:
+    return []
+  trial = base_point.trial("budget")
+  amount, unit = training_budget(config.train)
+  key = "num_steps" if unit == "steps" else "num_epochs"
+  longer = int(round(factor * amount)) if unit == "steps" else factor * amount
+  return [Trial(trial.name, {**trial.overrides, key: longer}, {**trial.info, unit: longer})]
+
+
+def training_budget(train_config) -> tuple[float, str]:
+  """(amount, "steps" or "epochs"): what bounds a trial's training."""
+  if train_config.num_steps:
+    return train_config.num_steps, "steps"
+  return train_config.num_epochs, "epochs"
+
+
+def budget_verdict(base: list[float], longer: list[float], amount: float, factor: float,
+                   unit: str = "epochs") -> list[str]:
+  """Whether the stated budget is one in which the base has plateaued, judged on the seeds.
+
+  The training loss under a cosine schedule falls through the schedule's last
+  stretch at any budget (that is what annealing does), so the budget is judged
+  the way it matters for the comparison: trained `factor` times longer, does
+  the base reach a higher test accuracy beyond both spreads?
+  """
+  if not base or not longer:
+    return []
+  (mean, std), (long_mean, long_std) = common.spread(base), common.spread(longer)
+  numbers = (f"{amount:g} {unit}: {common.fmt_pct(mean)} ± {common.fmt_pct(std)}; "
+             f"{factor * amount:g} {unit}: {common.fmt_pct(long_mean)} ± "
+             f"{common.fmt_pct(long_std)} ({len(base)} and {len(longer)} seeds)")
+  if std is None or long_std is None:
+    return [f"**Budget: not judged.** The base's test accuracy at {numbers}; one seed has no "
+            "spread to judge the difference against.", ""]
+  if common.compare(longer, base) == "higher":
+    return [f"**Budget: not a plateau.** The base's test accuracy at {numbers}: {factor:g}x the "
+            "training still helps beyond the seeds' spread, so every comparison below is at a "
+            "budget where the networks are still learning.", ""]
+  return [f"**Budget: the base has plateaued.** Its test accuracy at {numbers}: {factor:g}x the "
+          "training changes nothing beyond the seeds' spread.", ""]
 
 
 def _point_name(record: dict) -> str:
@@ -86,8 +140,8 @@ def run(config, workdir, trial, command) -> dict:
   if s.mode == "phi":
     step1_points = [scaling.fit_to_flops(base, p.alpha, p.beta, p.gamma, 1.0,
                                          s.target * base_flops, flops_of) for p in step1_points]
-  step1 = common.with_seeds([base_point.trial("base"), *(p.trial("step1") for p in step1_points)],
-                            config.seeds)
+  step1 = common.with_seeds([base_point.trial("base"), *budget_trials(config, base_point),
+                             *(p.trial("step1") for p in step1_points)], config.seeds)
   records = run_sweep(config.train, workdir, step1, trial, measure)
 
   accuracy = _mean_accuracy(records)
@@ -184,6 +238,12 @@ def _sections(config, workdir, rows, table, curves, best, candidates) -> list[st
     reports.plot_bars(workdir / "grid_search.png", labels, [p["accuracy_mean"] for p in step1],
                       "test accuracy (mean over seeds)", "Step 1: candidates at phi = 1")
     sections += ["", "![grid search](grid_search.png)", ""]
+  budget = next((p for p in table if p["stage"] == "budget"), None)
+  if base_entry and budget:
+    amount, unit = training_budget(config.train)
+    sections += ["## Budget", "",
+                 *budget_verdict(_accuracies(rows, base_entry["point"]),
+                                 _accuracies(rows, budget["point"]), amount, s.budget_check, unit)]
   _plot_curves(workdir, rows, curves)
   sections += ["![training loss](training_loss.png)", ""]
   if best is None:
