@@ -75,7 +75,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   t.data.crop_fraction = 1.0
   t.data.interpolation = "bilinear"
   t.data.mean, t.data.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-  # 10,000 scenes are 0.3 GB decoded: held, the pipeline runs 2.2x faster (BENCHMARKS.md).
+  # 10,000 scenes are 0.3 GB decoded; held, the pipeline needs half the CPU (BENCHMARKS.md).
   t.data.in_memory = True
   t.batch_size = 64
   t.num_epochs = 10.0
