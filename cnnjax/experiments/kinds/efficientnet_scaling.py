@@ -140,8 +140,9 @@ def run(config, workdir, trial, command) -> dict:
   if s.mode == "phi":
     step1_points = [scaling.fit_to_flops(base, p.alpha, p.beta, p.gamma, 1.0,
                                          s.target * base_flops, flops_of) for p in step1_points]
-  step1 = common.with_seeds([base_point.trial("base"), *budget_trials(config, base_point),
-                             *(p.trial("step1") for p in step1_points)], config.seeds)
+  # The budget check last: a sweep that gained it keeps its trials' indices (their directories).
+  step1 = common.with_seeds([base_point.trial("base"), *(p.trial("step1") for p in step1_points),
+                             *budget_trials(config, base_point)], config.seeds)
   records = run_sweep(config.train, workdir, step1, trial, measure)
 
   accuracy = _mean_accuracy(records)
