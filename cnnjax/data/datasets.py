@@ -273,11 +273,12 @@ def hold_in_memory(source, image_shape: tuple, what: str = "the split",
                    chunk: int = 1024) -> ArraySource:
   """`source` decoded once into an `ArraySource`: the same examples in the same order.
 
-  PNG decoding is about half of the input pipeline's time on small images (96 px
-  scenes: 0.6 of 1.3 ms per image on one core) and a whole core's worth on a
-  GPU host; decoded, each epoch only crops and normalises. Needs images of one
-  fixed shape (`image_shape`) and refuses a split whose decoded size would
-  exceed `IN_MEMORY_SHARE` of this machine's memory, naming the size.
+  PNG decoding is about half of the input pipeline's CPU time on small images
+  (96-px scenes: 0.6 of 1.3 ms per image on one core), time that a host
+  feeding an accelerator runs short of; held, each epoch only crops and
+  normalises. Needs images of one fixed shape (`image_shape`) and refuses a
+  split whose decoded size would exceed `IN_MEMORY_SHARE` of this machine's
+  memory, naming the size.
   """
   if any(dim is None for dim in image_shape):
     raise DatasetError(f"{what} has images of varying size {image_shape}, which cannot be held "
