@@ -70,13 +70,13 @@ def training_rate(model_name: str, size: int, batch: int, **overrides) -> float:
   return batch / common.median_seconds(step, repeats=5, warmup=2)
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--data_dir", default=None, help="where to prepare the benchmark data "
                       "(default: a temporary directory)")
   parser.add_argument("--sizes", default="32,64,224", help="which cases to measure, by image "
                       "size (comma-separated); a subset writes input_pipeline_<sizes>.json")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   sizes = [int(size) for size in args.sizes.split(",") if size.strip()]
   with tempfile.TemporaryDirectory() as tmp:
     data_dir = pathlib.Path(args.data_dir or tmp)
