@@ -199,6 +199,22 @@ def test_the_budget_check_trains_the_base_longer_and_judges_it_against_the_sprea
   assert trial.overrides["num_steps"] == 2 * smoke.train.num_steps
 
 
+def test_plots_of_means_carry_the_seeds_spread_as_error_bars(tmp_path):
+  from cnnjax.experiments import reports
+
+  def bar_ranges(figure):
+    (bars,) = [c for c in figure.axes[0].collections if c.get_segments()]
+    return [tuple(np.round(segment[:, 1], 6)) for segment in bars.get_segments()]
+
+  figure = reports.plot_bars(tmp_path / "bars.png", ["a", "b"], [0.8, 0.6], "accuracy", "t",
+                             errors=[0.05, None])  # one seed: no spread, a zero bar
+  assert bar_ranges(figure) == [(0.75, 0.85), (0.6, 0.6)]
+  figure = reports.plot_lines(tmp_path / "lines.png", {"m": ([2, 1], [0.9, 0.7])}, "x", "y",
+                              "t", errors={"m": [0.02, 0.1]})
+  assert bar_ranges(figure) == [(0.6, 0.8), (0.88, 0.92)]  # sorted by x with their values
+  assert (tmp_path / "bars.png").stat().st_size and (tmp_path / "lines.png").stat().st_size
+
+
 def test_fitted_points_meet_their_flops_within_five_percent():
   base = scaling.Base(width=0.25, depth=0.25, resolution=32)
 

@@ -64,20 +64,30 @@ def _pyplot():
 
 def plot_lines(path: pathlib.Path, series: dict[str, tuple[Sequence[float], Sequence[float]]],
                xlabel: str, ylabel: str, title: str, logx: bool = False,
-               logy: bool = False) -> None:
+               logy: bool = False,
+               errors: dict[str, Sequence[float | None]] | None = None) -> Any:
   """One line per series; a label starting with "_" continues the previous series' colour
-  without a legend entry (several seeds of one model)."""
+  without a legend entry (several seeds of one model). `errors[label]`, where given, are
+  error bars (a standard deviation over seeds) at the series' points. Returns the figure,
+  closed, for a test to inspect."""
   plt = _pyplot()
   figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=110)
   color = None
+  errors = errors or {}
   for label, (xs, ys) in series.items():
-    pairs = sorted((x, y) for x, y in zip(xs, ys) if x is not None and y is not None)
-    if pairs:
-      style = {"marker": "o"} if len(pairs) <= 20 else {"linewidth": 1.0}
+    spreads = errors.get(label) or [None] * len(xs)
+    points = sorted((x, y, e) for x, y, e in zip(xs, ys, spreads, strict=True)
+                    if x is not None and y is not None)
+    if points:
+      style = {"marker": "o"} if len(points) <= 20 else {"linewidth": 1.0}
       if label.startswith("_") and color is not None:
         style["color"] = color
-      (line,) = axes.plot([p[0] for p in pairs], [p[1] for p in pairs], label=label, **style)
+      x_values, y_values = [p[0] for p in points], [p[1] for p in points]
+      (line,) = axes.plot(x_values, y_values, label=label, **style)
       color = line.get_color()
+      if any(p[2] is not None for p in points):
+        axes.errorbar(x_values, y_values, yerr=[p[2] or 0.0 for p in points], fmt="none",
+                      ecolor=color, capsize=3)
   if logx:
     axes.set_xscale("log")
   if logy:
@@ -92,13 +102,18 @@ def plot_lines(path: pathlib.Path, series: dict[str, tuple[Sequence[float], Sequ
   path.parent.mkdir(parents=True, exist_ok=True)
   figure.savefig(path)
   plt.close(figure)
+  return figure
 
 
 def plot_bars(path: pathlib.Path, labels: Sequence[str], values: Sequence[float], ylabel: str,
-              title: str) -> None:
+              title: str, errors: Sequence[float | None] | None = None) -> Any:
+  """One bar per label; `errors`, where given, are error bars (a standard deviation over
+  seeds). Returns the figure, closed, for a test to inspect."""
   plt = _pyplot()
   figure, axes = plt.subplots(figsize=(max(6.4, 0.6 * len(labels)), 4.4), dpi=110)
-  axes.bar(range(len(labels)), [v if v is not None else 0.0 for v in values])
+  heights = [v if v is not None else 0.0 for v in values]
+  spreads = [e or 0.0 for e in errors] if errors is not None else None
+  axes.bar(range(len(labels)), heights, yerr=spreads, capsize=3 if spreads else 0)
   axes.set_xticks(range(len(labels)))
   axes.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
   axes.set_ylabel(ylabel)
@@ -109,6 +124,7 @@ def plot_bars(path: pathlib.Path, labels: Sequence[str], values: Sequence[float]
   path.parent.mkdir(parents=True, exist_ok=True)
   figure.savefig(path)
   plt.close(figure)
+  return figure
 
 
 def machine() -> dict:

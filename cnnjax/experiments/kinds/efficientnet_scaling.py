@@ -237,7 +237,8 @@ def _sections(config, workdir, rows, table, curves, best, candidates) -> list[st
     sections.append(reports.markdown_table(step1, POINT_COLUMNS))
     labels = [f"a{p['alpha']:.2f} b{p['beta']:.2f} g{p['gamma']:.2f}" for p in step1]
     reports.plot_bars(workdir / "grid_search.png", labels, [p["accuracy_mean"] for p in step1],
-                      "test accuracy (mean over seeds)", "Step 1: candidates at phi = 1")
+                      "test accuracy (mean ± std over seeds)", "Step 1: candidates at phi = 1",
+                      errors=[p["accuracy_std"] for p in step1])
     sections += ["", "![grid search](grid_search.png)", ""]
   budget = next((p for p in table if p["stage"] == "budget"), None)
   if base_entry and budget:
@@ -260,12 +261,14 @@ def _sections(config, workdir, rows, table, curves, best, candidates) -> list[st
     if entry["stage"] == "step2" or entry["point"] == winner:
       method = "compound" if entry["point"] == winner else entry["method"]
       methods.setdefault(method, []).append(entry)
-  series = {}
+  series, spreads = {}, {}
   for method, entries in methods.items():
     ordered = ([base_entry] if base_entry else []) + sorted(entries, key=lambda p: p["phi"])
     series[method] = ([p["flops_ratio"] for p in ordered], [p["accuracy_mean"] for p in ordered])
+    spreads[method] = [p["accuracy_std"] for p in ordered]
   reports.plot_lines(workdir / "accuracy_vs_flops.png", series, "FLOPs / base FLOPs",
-                     "test accuracy (mean over seeds)", "Accuracy against FLOPs", logx=True)
+                     "test accuracy (mean ± std over seeds)", "Accuracy against FLOPs",
+                     logx=True, errors=spreads)
   ordered = sorted((p for ps in methods.values() for p in ps), key=lambda p: (p["phi"], p["method"]))
   sections += [reports.markdown_table(ordered, POINT_COLUMNS), "",
                "![accuracy against FLOPs](accuracy_vs_flops.png)", ""]
