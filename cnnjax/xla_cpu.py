@@ -17,7 +17,8 @@ as cnnjax's own steps compile it. It is applied only when all of these hold,
 and `state()` says which did not:
 - JAX's backends have not started (otherwise a warning names the fix:
   import cnnjax before the first computation, or set `XLA_FLAGS` yourself);
-- `CNNJAX_XLA_FLAGS` is not `0` (the opt-out);
+- `CNNJAX_XLA_FLAGS` is not `0`, `off`, `false` or `no` (the opt-out; a value
+  that is neither on nor off warns and counts as on);
 - `XLA_FLAGS` does not already set that option (the user's choice stands);
 - no accelerator plugin (CUDA, ROCm, TPU) is installed: such a process runs
   its models on the accelerator, and a flag unknown to its jaxlib would stop it;
@@ -40,6 +41,7 @@ OPTION = "xla_cpu_experimental_ynn_fusion_type"
 FLAG = f"--{OPTION}=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 
 _state = {"state": "not applied yet", "previous": None}
+_OFF, _ON = ("0", "off", "false", "no"), ("1", "on", "true", "yes")
 
 
 def state() -> str:
@@ -72,7 +74,13 @@ def apply() -> str:
   if _state["state"] == "applied":
     return state()
   flags = os.environ.get("XLA_FLAGS", "")
-  if os.environ.get(ENV_OPT_OUT, "").strip().lower() in ("0", "off", "false", "no"):
+  opt_out = os.environ.get(ENV_OPT_OUT, "").strip().lower()
+  if opt_out not in _OFF + _ON + ("",):
+    # Not an error: this runs at `import cnnjax`, which a typo must not break.
+    warnings.warn(f"{ENV_OPT_OUT}={os.environ[ENV_OPT_OUT]!r} is neither on nor off, so cnnjax "
+                  f"treats it as on; set it to 0 to leave XLA_FLAGS alone, or unset it.",
+                  stacklevel=3)
+  if opt_out in _OFF:
     reason = f"opted out ({ENV_OPT_OUT}={os.environ[ENV_OPT_OUT]})"
   elif OPTION in flags:
     reason = "XLA_FLAGS already sets it"

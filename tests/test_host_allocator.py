@@ -117,11 +117,13 @@ def test_a_bad_opt_out_value_names_the_valid_ones():
   with pytest.raises(ValueError, match=r"CNNJAX_HOST_ALLOCATOR='maybe' is neither on nor off: "
                                        r"set it to 0 .* or 1"):
     host_allocator.child_settings({"CNNJAX_HOST_ALLOCATOR": "maybe"})
-  out = subprocess.run([sys.executable, "-m", "experiments.run", "--list"], cwd=REPO,
-                       env=_clean_env(CNNJAX_HOST_ALLOCATOR="maybe"), capture_output=True,
-                       text=True, timeout=300)
-  assert out.returncode == 2 and out.stdout == ""
-  assert out.stderr.strip().splitlines() == [
-      "error: CNNJAX_HOST_ALLOCATOR='maybe' is neither on nor off: set it to 0 to start without "
-      "the allocator settings, or 1 to use them (unset: used unless a JAX accelerator plugin "
-      "is installed)"]
+  # Both entry points that start again with the settings: one line, no traceback.
+  for command in (["experiments.run", "--list"], ["benchmarks.train_step", "--help"]):
+    out = subprocess.run([sys.executable, "-m", *command], cwd=REPO,
+                         env=_clean_env(CNNJAX_HOST_ALLOCATOR="maybe"), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2 and out.stdout == "", command
+    assert out.stderr.strip().splitlines() == [
+        "error: CNNJAX_HOST_ALLOCATOR='maybe' is neither on nor off: set it to 0 to start "
+        "without the allocator settings, or 1 to use them (unset: used unless a JAX "
+        "accelerator plugin is installed)"], command

@@ -1,10 +1,12 @@
 """The process-wide XLA:CPU setting of `cnnjax.xla_cpu`: what it changes, and what not.
 
-Each case runs in a fresh interpreter, since XLA reads `XLA_FLAGS` once per process.
+Each case runs in a fresh interpreter, since XLA reads `XLA_FLAGS` once per process; only
+the parsing of the opt-out runs here, with a fresh process's conditions patched in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -123,3 +125,25 @@ def test_too_late_warns_with_the_fix_and_changes_nothing():
   assert len(result["warnings"]) == 1
   assert "Import cnnjax before the first JAX computation" in result["warnings"][0]
   assert "CNNJAX_XLA_FLAGS=0" in result["warnings"][0]
+
+
+@pytest.mark.parametrize("value, warned, state", [
+    ("maybe", True, "applied"), ("OFF", False, "opted out"), ("yes", False, "applied")])
+def test_an_opt_out_value_that_is_neither_on_nor_off_warns_and_counts_as_on(
+    value, warned, state, monkeypatch):
+  # In this process, with the conditions that `import cnnjax` meets in a fresh one.
+  from cnnjax import xla_cpu
+
+  monkeypatch.setitem(xla_cpu._state, "state", "not applied yet")
+  monkeypatch.setattr(xla_cpu, "_backends_started", lambda: False)
+  monkeypatch.setattr(xla_cpu, "accelerator_plugins", lambda: [])
+  monkeypatch.setattr(xla_cpu, "_measured_ynnpack_faster", lambda: False)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv("CNNJAX_XLA_FLAGS", value)
+  with pytest.warns(UserWarning) if warned else contextlib.nullcontext() as caught:
+    assert xla_cpu.apply().startswith(state)
+  if warned:
+    assert [str(w.message) for w in caught] == [
+        f"CNNJAX_XLA_FLAGS='{value}' is neither on nor off, so cnnjax treats it as on; set it "
+        "to 0 to leave XLA_FLAGS alone, or unset it."]
+  assert (xla_cpu.FLAG in os.environ["XLA_FLAGS"]) == (state == "applied")
