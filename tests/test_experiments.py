@@ -199,6 +199,23 @@ def test_the_budget_check_trains_the_base_longer_and_judges_it_against_the_sprea
   assert trial.overrides["num_steps"] == 2 * smoke.train.num_steps
 
 
+def test_the_report_states_the_budget_check(tmp_path):
+  config = _scaling_config(budget_check=2.0)
+  config.train.num_steps, config.train.num_epochs = None, 10.0
+  base = scaling.Point("base", 0, 1.0, 1.0, 1.0, 0.25, 0.1, 32)
+  trials = [base.trial("base"), *efficientnet_scaling.budget_trials(config, base)]
+  rows = [{"name": f"{t.name}-s{seed}", "point": t.name, "flops": 1e6, "plateaued": False,
+           **{k: t.info[k] for k in ("stage", "method", "phi", "alpha", "beta", "gamma", "width",
+                                      "depth", "resolution")},
+           "accuracy": accuracy}
+          for t, accuracies in zip(trials, ([0.70, 0.72, 0.68], [0.80, 0.81, 0.79]), strict=True)
+          for seed, accuracy in enumerate(accuracies)]
+  table = efficientnet_scaling.point_table(rows, 1e6)
+  text = "\n".join(efficientnet_scaling._sections(config, tmp_path, rows, table, {}, None, []))
+  assert ("## Budget\n\n**Budget: not a plateau.** The base's test accuracy at 10 epochs: 70.0% ± "
+          "2.0%; 20 epochs: 80.0% ± 1.0% (3 and 3 seeds)") in text
+
+
 def test_plots_of_means_carry_the_seeds_spread_as_error_bars(tmp_path):
   from cnnjax.experiments import reports
 
