@@ -47,6 +47,8 @@ import shlex
 import sys
 from collections.abc import Mapping
 
+from cnnjax import xla_cpu
+
 ENV_OPT_OUT = "CNNJAX_HOST_ALLOCATOR"
 SETTINGS = {
     "MALLOC_ARENA_MAX": "1",  # every thread allocates from the main heap, ...
@@ -60,17 +62,14 @@ def supported() -> bool:
   return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 
-_OFF, _ON = ("0", "off", "false", "no"), ("1", "on", "true", "yes")
-
-
 def _requested(env: Mapping[str, str]) -> bool | None:
   """True: asked for; False: opted out; None: not said (on unless an accelerator is installed)."""
   value = env.get(ENV_OPT_OUT, "").strip().lower()
-  if value not in _OFF + _ON + ("",):
+  if value not in xla_cpu.SWITCH_OFF + xla_cpu.SWITCH_ON + ("",):
     raise ValueError(f"{ENV_OPT_OUT}={env[ENV_OPT_OUT]!r} is neither on nor off: set it to 0 "
                      "to start without the allocator settings, or 1 to use them (unset: used "
                      "unless a JAX accelerator plugin is installed)")
-  return None if value == "" else value in _ON
+  return None if value == "" else value in xla_cpu.SWITCH_ON
 
 
 def _opted_out(env: Mapping[str, str]) -> bool:
@@ -78,8 +77,6 @@ def _opted_out(env: Mapping[str, str]) -> bool:
 
 
 def _accelerator_plugins() -> list[str]:
-  from cnnjax import xla_cpu  # noqa: PLC0415
-
   return xla_cpu.accelerator_plugins()
 
 

@@ -41,7 +41,8 @@ OPTION = "xla_cpu_experimental_ynn_fusion_type"
 FLAG = f"--{OPTION}=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 
 _state = {"state": "not applied yet", "previous": None}
-_OFF, _ON = ("0", "off", "false", "no"), ("1", "on", "true", "yes")
+# How cnnjax's on/off environment variables (this one, CNNJAX_HOST_ALLOCATOR) are read.
+SWITCH_OFF, SWITCH_ON = ("0", "off", "false", "no"), ("1", "on", "true", "yes")
 
 
 def state() -> str:
@@ -75,12 +76,12 @@ def apply() -> str:
     return state()
   flags = os.environ.get("XLA_FLAGS", "")
   opt_out = os.environ.get(ENV_OPT_OUT, "").strip().lower()
-  if opt_out not in _OFF + _ON + ("",):
+  if opt_out not in SWITCH_OFF + SWITCH_ON + ("",):
     # Not an error: this runs at `import cnnjax`, which a typo must not break.
     warnings.warn(f"{ENV_OPT_OUT}={os.environ[ENV_OPT_OUT]!r} is neither on nor off, so cnnjax "
                   f"treats it as on; set it to 0 to leave XLA_FLAGS alone, or unset it.",
                   stacklevel=3)
-  if opt_out in _OFF:
+  if opt_out in SWITCH_OFF:
     reason = f"opted out ({ENV_OPT_OUT}={os.environ[ENV_OPT_OUT]})"
   elif OPTION in flags:
     reason = "XLA_FLAGS already sets it"
