@@ -245,12 +245,20 @@ def data_source(name: str, split: str, data_dir: str | os.PathLike | None = None
   return source
 
 
-# Never more than this share of the machine's memory for one decoded split: the training
-# process also holds the model, the optimizer state and the other split.
+# Never more than this share of the available memory for one decoded split: the training
+# process still has to hold the model, the optimizer state and the step's buffers.
 IN_MEMORY_SHARE = 0.5
 
 
-def _physical_memory() -> int | None:
+def _available_memory() -> int | None:
+  """Bytes the kernel could hand out now (Linux's MemAvailable), else the physical memory."""
+  try:
+    with open("/proc/meminfo") as handle:
+      for line in handle:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
   try:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   except (AttributeError, ValueError, OSError):  # not every platform reports it
@@ -277,20 +285,21 @@ def hold_in_memory(source, image_shape: tuple, what: str = "the split",
   (96-px scenes: 0.6 of 1.3 ms per image on one core), time that a host
   feeding an accelerator runs short of; held, each epoch only crops and
   normalises. Needs images of one fixed shape (`image_shape`) and refuses a
-  split whose decoded size would exceed `IN_MEMORY_SHARE` of this machine's
-  memory, naming the size.
+  split whose decoded size would exceed `IN_MEMORY_SHARE` of the memory
+  available now, naming the size: what this process already holds (the other
+  split) and what other processes hold (a second sweep) count.
   """
   if any(dim is None for dim in image_shape):
     raise DatasetError(f"{what} has images of varying size {image_shape}, which cannot be held "
                        "in memory as one array; set config.data.in_memory=False")
   count = len(source)
   nbytes = count * int(np.prod(image_shape))
-  memory = _physical_memory()
+  memory = _available_memory()
   if memory is not None and nbytes > IN_MEMORY_SHARE * memory:
     raise DatasetError(
         f"{what} decoded is {nbytes / 2**30:.1f} GiB ({count} images of {image_shape}), more "
-        f"than {IN_MEMORY_SHARE:.0%} of this machine's {memory / 2**30:.1f} GiB; set "
-        "config.data.in_memory=False to decode per step instead")
+        f"than {IN_MEMORY_SHARE:.0%} of the {memory / 2**30:.1f} GiB this machine has "
+        "available; set config.data.in_memory=False to decode per step instead")
   images = np.empty((count, *image_shape), np.uint8)
   labels = np.empty((count,), np.int64)
   for start in range(0, count, chunk):
