@@ -13,6 +13,14 @@ residual network reaches zero training error. Plots every seed's training
 error and loss (training_error.png, training_loss.png), checks each trial's
 loss for a plateau, and states, against the seeds' spread, whether the deeper
 plain network trains worse and the deeper residual network better.
+
+Why a 5-epoch warmup (390 steps to the rate of 0.1): with 0.5 epochs, resnet-56
+(seed 0) collapsed in its first 60 steps, as the rate reached 0.1, to an output
+that ignores its input: training loss ln 36 = 3.58 for the next 400 steps, and
+its last block's features varied by 0.002 across test images (0.17 after its
+first block). He et al. met the same with ResNet-110 and warmed up with a
+rate of 0.01 for ~400 iterations; a linear warmup over as many steps let the
+same seed reach a loss of 1.09 by step 330. Every network gets the same warmup.
 """
 
 import ml_collections
@@ -47,7 +55,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   t.optimizer.learning_rate = 0.1
   t.optimizer.schedule = "multistep"
   t.optimizer.boundaries_epochs = (15.0, 22.5)
-  t.optimizer.warmup_epochs = 0.5
+  t.optimizer.warmup_epochs = 5.0  # see the docstring: resnet-56 collapses with less
   t.optimizer.weight_decay = 1e-4
   t.eval_every_epochs = 5.0
   t.checkpoint_every_epochs = 1.0  # a killed trial loses at most an epoch
