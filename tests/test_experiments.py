@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import pathlib
 import signal
@@ -267,6 +268,34 @@ def test_the_degradation_verdict_needs_a_gap_beyond_both_spreads():
   assert tie.endswith("no difference beyond the seeds' spread.")
   one = degradation.depth_verdict("Plain", "plain20", "plain56", [0.1, 0.12, 0.11], [0.3])
   assert one == "Plain: plain56 finished one seed only; a verdict needs at least two per model."
+  # A deeper network that never started is "worse", and the verdict says why.
+  stuck = degradation.depth_verdict("Plain", "plain20", "plain56", [0.10, 0.12, 0.11],
+                                    [0.50, 0.97, 0.60], stuck=["plain56-s1"])
+  assert "the deeper network trains worse. Never left chance: plain56-s1;" in stuck
+
+
+def test_a_flat_loss_at_chance_is_a_failure_to_start_not_convergence():
+  steps = list(range(10, 1010, 10))
+  at_chance = {"step": steps, "loss": [math.log(36)] * 100, "error": [35 / 36] * 100}
+  learned = {"step": steps, "loss": [0.3] * 100, "error": [0.1] * 100}
+  rows = []
+  for name, curve in (("stuck", at_chance), ("fine", learned)):
+    row = {"name": name, "status": "done"}
+    common.annotate_convergence(row, curve, tail=5, num_classes=36)
+    rows.append(row)
+  assert [r["plateaued"] for r in rows] == [True, True]
+  assert [r["left_chance"] for r in rows] == [False, True]
+  sentence = common.plateau_sentence(rows)
+  assert sentence.startswith("Every finished trial's training loss had plateaued")
+  assert "Never left chance (final training loss above 90% of a uniform guess's): stuck;" in sentence
+  assert "fine" not in sentence.split("Never")[1]
+  # The threshold is relative to the number of classes: a loss of 0.65 is chance for two.
+  row = {"name": "binary", "status": "done"}
+  common.annotate_convergence(row, {"step": steps, "loss": [0.65] * 100, "error": [0.4] * 100},
+                              tail=5, num_classes=2)
+  assert row["left_chance"] is False
+  table = degradation.model_table([{**r, "point": "m", "test_error": 0.5} for r in rows], ["m"])
+  assert table[0]["left_chance"] == "1/2"
 
 
 def test_plateau_change_reads_a_falling_and_a_flat_loss():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import pathlib
 import time
 from collections.abc import Callable
@@ -143,24 +144,41 @@ def tail_mean(values, tail: int) -> float:
   return sum(values[-tail:]) / len(values[-tail:])
 
 
-def annotate_convergence(row: dict, curve: dict, tail: int) -> None:
-  """Adds a finished trial's final training error and loss and its plateau check to `row`."""
+# A trial has left chance when its final training loss is below this share of ln(classes),
+# the loss of a uniform guess. One that has not also reads as "plateaued", but its flat loss
+# is a failure to start, not convergence.
+CHANCE_FRACTION = 0.9
+
+
+def annotate_convergence(row: dict, curve: dict, tail: int, num_classes: int) -> None:
+  """Adds a finished trial's final training error and loss, its plateau check and whether
+  it left chance (`CHANCE_FRACTION`) to `row`."""
   finished = row["status"] == "done" and bool(curve["loss"])
   row["final_train_error"] = tail_mean(curve["error"], tail) if finished else None
   row["final_train_loss"] = tail_mean(curve["loss"], tail) if finished else None
   change = plateau_change(curve["step"], curve["loss"]) if finished else None
   row["loss_change_last_20pct"] = change
   row["plateaued"] = None if change is None else abs(change) < PLATEAU_CHANGE
+  row["left_chance"] = (None if not finished
+                        else row["final_train_loss"] < CHANCE_FRACTION * math.log(num_classes))
 
 
 def plateau_sentence(rows: list[dict]) -> str:
-  """Which trials were still improving when their budget ended, or that none was."""
+  """Which trials were still improving when their budget ended, or that none was; and which
+  never left chance."""
   stalled = [r["name"] for r in rows if r["plateaued"] is False]
   if stalled:
-    return (f"Still improving when their budget ended (training loss changed by "
-            f"{100 * PLATEAU_CHANGE:g}% or more over the last 20% of the run): "
-            f"{', '.join(stalled)}.")
-  if any(r["plateaued"] for r in rows):
-    return (f"Every finished trial's training loss had plateaued (under {100 * PLATEAU_CHANGE:g}% "
-            "change over the last 20% of the run).")
-  return ""
+    sentence = (f"Still improving when their budget ended (training loss changed by "
+                f"{100 * PLATEAU_CHANGE:g}% or more over the last 20% of the run): "
+                f"{', '.join(stalled)}.")
+  elif any(r["plateaued"] for r in rows):
+    sentence = (f"Every finished trial's training loss had plateaued (under "
+                f"{100 * PLATEAU_CHANGE:g}% change over the last 20% of the run).")
+  else:
+    sentence = ""
+  never = [r["name"] for r in rows if r.get("left_chance") is False]
+  if never:
+    sentence += (f" Never left chance (final training loss above {100 * CHANCE_FRACTION:g}% of "
+                 f"a uniform guess's): {', '.join(never)}; a flat loss there is a failure to "
+                 "start, not convergence.")
+  return sentence.strip()

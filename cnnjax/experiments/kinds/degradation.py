@@ -7,7 +7,9 @@ error is the mean of its last `curve_tail` logged windows. A family's verdict
 says "worse" or "better" only where the mean final errors differ by more than
 both models' standard deviations over the seeds. Each trial's training loss
 is checked for a plateau (under 2% relative change over the last 20% of the
-run): the report says which trials were still improving when they stopped.
+run): the report says which trials were still improving when they stopped,
+and which never left chance (a flat loss near ln(classes) is a failure to
+start, and a verdict resting on one says so).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from cnnjax.experiments.kinds import register
 from cnnjax.experiments.sweep import Trial, run_sweep, summary_rows, trial_dir
 
 TRIAL_COLUMNS = ["trial", "name", "model", "seed", "params", "flops", "final_train_error",
-                 "final_train_loss", "loss_change_last_20pct", "plateaued", "test_error",
+                 "final_train_loss", "loss_change_last_20pct", "plateaued", "left_chance",
+                 "test_error",
                  "accuracy", "train_seconds", "status", "error"]
 MODEL_COLUMNS = ["model", "seeds", "train_error_mean", "train_error_std", "test_error_mean",
-                 "test_error_std", "plateaued"]
+                 "test_error_std", "plateaued", "left_chance"]
 
 
 def _depth(model: str) -> int:
@@ -49,7 +52,7 @@ def run(config, workdir, trial, command) -> dict:
   curves = {t.name: common.train_curve(trial_dir(workdir, i, t)) for i, t in enumerate(trials)}
   rows = summary_rows(records, TRIAL_COLUMNS + ["point"])
   for row in rows:
-    common.annotate_convergence(row, curves[row["name"]], config.curve_tail)
+    common.annotate_convergence(row, curves[row["name"]], config.curve_tail, num_classes)
     row["test_error"] = None if row["accuracy"] is None else 1 - row["accuracy"]
 
   per_model = model_table(rows, config.models)
@@ -60,8 +63,10 @@ def run(config, workdir, trial, command) -> dict:
   for family, prefix in (("Plain", "plain"), ("Residual", "resnet")):
     members = sorted((m for m in config.models if m.startswith(prefix)), key=_depth)
     if len(members) >= 2:
-      sections.append("- " + depth_verdict(family, members[0], members[-1], *(
-          [r["final_train_error"] for r in rows if r["point"] == m] for m in (members[0], members[-1]))))
+      mine = [[r for r in rows if r["point"] == m] for m in (members[0], members[-1])]
+      sections.append("- " + depth_verdict(
+          family, members[0], members[-1], *([r["final_train_error"] for r in m] for m in mine),
+          stuck=[r["name"] for m in mine for r in m if r["left_chance"] is False]))
   sections += ["", f"A trial's training error is the mean over its last {config.curve_tail} logged "
                "windows of training batches. " + common.plateau_sentence(rows)]
   return common.finish(workdir, f"{config.name}: {config.description}", rows, TRIAL_COLUMNS,
@@ -76,16 +81,22 @@ def model_table(rows: list[dict], models: Sequence[str]) -> list[dict]:
     train_mean, train_std = common.spread([r["final_train_error"] for r in mine])
     test_mean, test_std = common.spread([r["test_error"] for r in mine])
     flags = [r["plateaued"] for r in mine if r["plateaued"] is not None]
+    started = [r["left_chance"] for r in mine if r.get("left_chance") is not None]
     table.append({"model": model, "seeds": sum(r["final_train_error"] is not None for r in mine),
                   "train_error_mean": train_mean, "train_error_std": train_std,
                   "test_error_mean": test_mean, "test_error_std": test_std,
-                  "plateaued": f"{sum(flags)}/{len(flags)}"})
+                  "plateaued": f"{sum(flags)}/{len(flags)}",
+                  "left_chance": f"{sum(started)}/{len(started)}"})
   return table
 
 
 def depth_verdict(family: str, shallow: str, deep: str, shallow_finals: list,
-                  deep_finals: list) -> str:
-  """Whether the deeper network of a family trains worse, judged against the seeds' spread."""
+                  deep_finals: list, stuck: Sequence[str] = ()) -> str:
+  """Whether the deeper network of a family trains worse, judged against the seeds' spread.
+
+  `stuck` names the two models' trials that never left chance: a gap they make
+  says that those failed to start, not how well the deeper network trains.
+  """
   (mean_s, std_s), (mean_d, std_d) = (common.spread(shallow_finals),
                                       common.spread(deep_finals))
   if mean_s is None or mean_d is None:
@@ -102,8 +113,13 @@ def depth_verdict(family: str, shallow: str, deep: str, shallow_finals: list,
           f"{pct(mean_s, std_s)} for {shallow}")
   outcome = common.compare(deep_finals, shallow_finals)
   if outcome == "tie":
-    return f"{ends}: no difference beyond the seeds' spread."
-  return f"{ends}: the deeper network trains {'worse' if outcome == 'higher' else 'better'}."
+    verdict = f"{ends}: no difference beyond the seeds' spread."
+  else:
+    verdict = f"{ends}: the deeper network trains {'worse' if outcome == 'higher' else 'better'}."
+  if stuck:
+    verdict += (f" Never left chance: {', '.join(stuck)}; where they make the gap, the verdict "
+                "reports a failure to start, not how well the network trains.")
+  return verdict
 
 
 def _plot(workdir, models, rows, curves) -> None:

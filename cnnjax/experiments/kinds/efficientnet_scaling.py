@@ -31,7 +31,7 @@ from cnnjax.experiments.sweep import (DONE, Trial, apply_overrides, run_sweep, s
 TRIAL_COLUMNS = ["trial", "name", "point", "seed", "stage", "method", "alpha", "beta", "gamma",
                  "phi", "exponent", "width", "depth", "resolution", "params", "flops",
                  "accuracy", "train_accuracy", "final_train_loss", "loss_change_last_20pct",
-                 "plateaued", "train_seconds", "status", "error"]
+                 "plateaued", "left_chance", "train_seconds", "status", "error"]
 POINT_COLUMNS = ["method", "phi", "alpha", "beta", "gamma", "width", "depth", "resolution",
                  "flops_ratio", "seeds", "accuracy_mean", "accuracy_std", "plateaued"]
 
@@ -183,7 +183,7 @@ def run(config, workdir, trial, command) -> dict:
   for row, record in zip(rows, all_records, strict=True):
     curve = common.train_curve(trial_dir(workdir, record["index"], Trial(record["name"], {})))
     curves[row["name"]] = curve
-    common.annotate_convergence(row, curve, tail=3)
+    common.annotate_convergence(row, curve, tail=3, num_classes=num_classes)
   table = point_table(rows, base_flops)
   sections = _sections(config, workdir, rows, table, curves, best, candidates)
   return common.finish(workdir, f"{config.name}: {config.description}", rows, TRIAL_COLUMNS,
