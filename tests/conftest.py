@@ -17,17 +17,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_REFERENCE_DIR = REPO.parent / "shared" / "reference"
 REFERENCE_DIR = pathlib.Path(os.environ.get("CNNJAX_REFERENCE_DIR", REPO / "tests" / "reference"))
 
-# The suite is mostly compilation, and no test measures speed (benchmarks/ does): XLA's
-# backend at optimisation level 0 compiles a plain `jax.jit` of a model in about half the
-# time (BENCHMARKS.md, "The test suite"). Set before JAX's backends start, so it is every
-# compile's default here and in the subprocesses, notebooks and Ray workers the suite
-# starts; cnnjax's steps already pass it with `fast_compile`. A test about XLA's flags
-# starts its interpreters without it. CNNJAX_TEST_XLA_DEFAULTS=1 compiles as users do.
-_OPT_LEVEL_0 = "--xla_backend_optimization_level=0"
-if os.environ.get("CNNJAX_TEST_XLA_DEFAULTS", "0") in ("0", "") and \
-    _OPT_LEVEL_0 not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_OPT_LEVEL_0}".strip()
-
 _CACHE = os.environ.get("CNNJAX_TEST_CACHE", str(pathlib.Path.home() / ".cache" / "cnnjax" / "jax-test-cache"))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
