@@ -22,8 +22,7 @@ from cnnjax.experiments.sweep import Trial, run_sweep, summary_rows, trial_dir
 
 TRIAL_COLUMNS = ["trial", "name", "model", "seed", "params", "flops", "final_train_error",
                  "final_train_loss", "loss_change_last_20pct", "plateaued", "left_chance",
-                 "test_error",
-                 "accuracy", "train_seconds", "status", "error"]
+                 "test_error", "accuracy", "train_seconds", "status", "error"]
 MODEL_COLUMNS = ["model", "seeds", "train_error_mean", "train_error_std", "test_error_mean",
                  "test_error_std", "plateaued", "left_chance"]
 
