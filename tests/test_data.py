@@ -158,6 +158,24 @@ def test_an_image_folder_becomes_a_dataset(tmp_path):
   assert labels == [0, 0, 1, 1] and source[0]["image"].shape[-1] == 3
 
 
+def test_preparing_leaves_nothing_in_the_temp_directory(tmp_path, monkeypatch):
+  """tfds leaves an empty tmp*tfds directory per unprepared builder unless told it is offline."""
+  import tempfile
+
+  temp = tmp_path / "temp"
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))
+  (tmp_path / "pets" / "cat").mkdir(parents=True)
+  from PIL import Image
+
+  Image.new("RGB", (4, 4)).save(tmp_path / "pets" / "cat" / "0.png")
+  config = builders.RenderedConfig(name="test8px", resolution=8, train_size=4, test_size=2)
+  builders.Gratings(config=config, data_dir=str(tmp_path / "tfds"),
+                    file_format="array_record").download_and_prepare()
+  data.prepare(f"folder:{tmp_path / 'pets'}", tmp_path / "tfds", progress=False)
+  assert sorted(p.name for p in temp.iterdir()) == []
+
+
 # -- errors ----------------------------------------------------------------------------------
 
 

@@ -29,12 +29,13 @@ def test_there_are_notebooks_and_they_keep_their_outputs():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_top_to_bottom(path: pathlib.Path):
+def test_notebook_runs_top_to_bottom(path: pathlib.Path, tmp_path):
   book = nbformat.read(path, as_version=4)
   client = NotebookClient(book, timeout=300, kernel_name="python3",
                           resources={"metadata": {"path": str(path.parent)}})
   try:
-    client.execute(env={**os.environ, "MPLBACKEND": "Agg"})
+    # TMPDIR: what a notebook writes to a temporary directory goes with the test's tmp_path.
+    client.execute(env={**os.environ, "MPLBACKEND": "Agg", "TMPDIR": str(tmp_path)})
   except CellExecutionError as error:
     index, cell = next(((i, c) for i, c in enumerate(book.cells)
                         if c.cell_type == "code" and any(o.get("output_type") == "error"

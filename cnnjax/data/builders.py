@@ -52,7 +52,21 @@ def _features(shape, num_classes: int, names=None) -> tfds.features.FeaturesDict
   })
 
 
-class _InMemorySplits:
+class Offline:
+  """Base of cnnjax's builders: their datasets are made here, never looked up in TFDS's bucket.
+
+  tfds 4.9.10 looks every unprepared builder up in its GCS bucket
+  (`DatasetInfo.initialize_from_bucket`), which finds nothing for these and leaves
+  an empty `tmp*tfds` directory in the system's temp directory each time.
+  """
+
+  def dataset_info_from_configs(self, **kwargs) -> tfds.core.DatasetInfo:
+    info = super().dataset_info_from_configs(**kwargs)
+    info.initialize_from_bucket = lambda: None
+    return info
+
+
+class _InMemorySplits(Offline):
   """Builders of a small labelled array: `_arrays()` gives (uint8 NHWC images, int labels)."""
 
   IMAGE_SHAPE: tuple
@@ -168,7 +182,7 @@ class RenderedConfig(tfds.core.BuilderConfig):
 GRATINGS_RESOLUTIONS = (16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 
-class _Rendered:
+class _Rendered(Offline):
   """Procedural builders: one config per native resolution, each example rendered by
   `render(resolution, label, rng)` from the config's seed, the split and the example index."""
 

@@ -19,6 +19,8 @@ import re
 
 import tensorflow_datasets as tfds
 
+from cnnjax.data.builders import Offline
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -52,7 +54,7 @@ class ImageFolderConfig(tfds.core.BuilderConfig):
   root: str = ""
 
 
-class CnnjaxImageFolder(tfds.core.GeneratorBasedBuilder):
+class CnnjaxImageFolder(Offline, tfds.core.GeneratorBasedBuilder):
   """Images in class subfolders."""
 
   VERSION = tfds.core.Version("1.0.0")
