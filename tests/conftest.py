@@ -27,6 +27,14 @@ os.environ["CNNJAX_TEST_CACHE"] = _CACHE  # subprocess workers share it
 os.environ.setdefault("CNNJAX_TUNING", "off")
 
 
+def run_compiled_quickly(fn, *args):
+  """`fn(*args)` jitted at XLA optimisation level 0: for tests that are compile-bound and check
+  values, never speed (a compile is several times faster there; the values are the same)."""
+  from cnnjax.train import steps  # noqa: PLC0415
+
+  return jax.jit(fn).lower(*args).compile(compiler_options=steps.FAST_COMPILE_OPTIONS)(*args)
+
+
 def without_allocator_settings(env) -> dict:
   """`env` less cnnjax's allocator settings and their opt-out (see cnnjax.host_allocator)."""
   from cnnjax import host_allocator  # noqa: PLC0415

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import cnnjax
-from cnnjax.train import steps
+from tests.conftest import run_compiled_quickly
 
 NUMERIC = {
     # name: overrides exercising the family's options
@@ -62,27 +62,20 @@ def _loss_fn(model, images, labels):
   return loss
 
 
-def _quick(fn, *args):
-  """Runs `fn` compiled at XLA optimisation level 0: these tests are compile-bound."""
-  compiled = jax.jit(fn).lower(*args).compile(
-      compiler_options=steps.FAST_COMPILE_OPTIONS)
-  return compiled(*args)
-
-
 @pytest.mark.parametrize("name,overrides", sorted({**NUMERIC, **REDUCED}.items()))
 def test_forward_backward_numeric(name, overrides):
   model, images, labels = _setup(name, overrides)
-  variables = _quick(lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)},
-                                        images))
+  variables = run_compiled_quickly(
+      lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, images))
   state = {k: v for k, v in variables.items() if k != "params"}
-  (loss, out), grads = _quick(jax.value_and_grad(_loss_fn(model, images, labels), has_aux=True),
-                              variables["params"], state)
+  (loss, out), grads = run_compiled_quickly(
+      jax.value_and_grad(_loss_fn(model, images, labels), has_aux=True), variables["params"], state)
   outputs = out if isinstance(out, tuple) else (out,)
   for logits in outputs:
     assert logits.shape == (2, NUM_CLASSES)
     assert np.all(np.isfinite(logits))
   assert np.isfinite(loss)
-  eval_logits = _quick(lambda v: model.apply(v, images, train=False), variables)
+  eval_logits = run_compiled_quickly(lambda v: model.apply(v, images, train=False), variables)
   assert eval_logits.shape == (2, NUM_CLASSES) and np.all(np.isfinite(eval_logits))
   flat = jax.tree_util.tree_flatten_with_path(grads)[0]
   assert flat, "model has no parameters"
@@ -120,9 +113,10 @@ def test_forward_backward_structural(name):
 
 def test_zero_init_last_silences_each_residual_branch_at_init():
   model, images, labels = _setup("resnet18", {"zero_init_last": True})
-  variables = model.init({"params": jax.random.key(0)}, images)
+  variables = run_compiled_quickly(lambda: model.init({"params": jax.random.key(0)}, images))
   state = {"batch_stats": variables["batch_stats"]}
-  grads, _ = jax.jit(jax.grad(_loss_fn(model, images, labels), has_aux=True))(variables["params"], state)
+  grads, _ = run_compiled_quickly(jax.grad(_loss_fn(model, images, labels), has_aux=True),
+                    variables["params"], state)
   for block in ("layer1_0", "layer4_1"):
     assert not np.any(variables["params"][block]["bn2"]["scale"])
     # The zeroed scale still learns; what lies before it in the branch waits a step.

@@ -75,21 +75,26 @@ def test_lowering_matches_xla_in_value_and_gradients(case, method, monkeypatch):
     pytest.skip("only kxk convolutions have several lowerings to choose from")
   if dense:  # every lowering a tuning table may choose
     monkeypatch.setattr(lowering, "_tuned_dense_choice", lambda *_: method)
-  x = jax.random.normal(jax.random.key(0), lhs_shape)
-  w = jax.random.normal(jax.random.key(1), rhs_shape)
-  probe = jax.random.normal(jax.random.key(2), lax.conv_general_dilated(
-      x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=NHWC,
-      feature_group_count=groups).shape)
+  # Inputs from numpy and one jit per side: eagerly, every primitive compiles on its own,
+  # which took this test twice as long.
+  rng = np.random.default_rng(0)
+  x, w = (rng.standard_normal(shape, np.float32) for shape in (lhs_shape, rhs_shape))
+  out_shape = jax.eval_shape(
+      lambda x, w: lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation,
+                                            dimension_numbers=NHWC, feature_group_count=groups),
+      x, w).shape
+  probe = rng.standard_normal(out_shape, np.float32)
 
-  def loss(conv, x, w):
-    y = conv(x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=NHWC,
-             feature_group_count=groups)
-    return jnp.sum(y * probe), y
+  def value_and_grads(conv):
+    def loss(x, w):
+      y = conv(x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=NHWC,
+               feature_group_count=groups)
+      return jnp.sum(y * probe), y
 
-  (_, want), want_grads = jax.value_and_grad(
-      lambda x, w: loss(lax.conv_general_dilated, x, w), (0, 1), has_aux=True)(x, w)
-  (_, got), got_grads = jax.value_and_grad(
-      lambda x, w: loss(lowering.conv_general_dilated, x, w), (0, 1), has_aux=True)(x, w)
+    return jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(x, w)
+
+  (_, want), want_grads = value_and_grads(lax.conv_general_dilated)
+  (_, got), got_grads = value_and_grads(lowering.conv_general_dilated)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
   for g, r in zip(got_grads, want_grads):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4)
@@ -238,13 +243,9 @@ def test_whole_models_are_as_accurate_as_xla_convolutions(name, overrides):
 ])
 def test_max_pool_matches_flax_including_gradients_at_ties(shape, window, stride, padding):
   # After a ReLU most windows hold several zeros: the tie-breaking must match too.
-  x = jax.nn.relu(jax.random.normal(jax.random.key(0), shape))
-  x = x.at[0, :2, :2, 0].set(1.5)  # an exact tie of positive values
-  probe = jax.random.normal(jax.random.key(1), nn.max_pool(
-      x, (window, window), (stride, stride), padding=padding).shape)
-
-  def loss(pool, x):
-    return jnp.sum(pool(x) * probe)
+  rng = np.random.default_rng(0)
+  x = np.maximum(rng.standard_normal(shape, np.float32), 0)
+  x[0, :2, :2, 0] = 1.5  # an exact tie of positive values
 
   def reference(x):
     return nn.max_pool(x, (window, window), (stride, stride), padding=padding)
@@ -252,7 +253,13 @@ def test_max_pool_matches_flax_including_gradients_at_ties(shape, window, stride
   def fast(x):
     return lowering.max_pool(x, (window, window), (stride, stride), padding)
 
-  np.testing.assert_array_equal(fast(x), reference(x))
-  np.testing.assert_array_equal(jax.grad(lambda x: loss(fast, x))(x),
-                                jax.grad(lambda x: loss(reference, x))(x))
-  assert int(jnp.sum(x == 0)) > x.size // 4
+  probe = rng.standard_normal(jax.eval_shape(reference, x).shape, np.float32)
+
+  def value_and_grad(pool):
+    return jax.jit(jax.value_and_grad(lambda x: jnp.sum(pool(x) * probe)))(x), jax.jit(pool)(x)
+
+  (_, fast_grad), fast_out = value_and_grad(fast)
+  (_, reference_grad), reference_out = value_and_grad(reference)
+  np.testing.assert_array_equal(fast_out, reference_out)
+  np.testing.assert_array_equal(fast_grad, reference_grad)
+  assert int(np.sum(x == 0)) > x.size // 4

@@ -8,6 +8,7 @@ import pytest
 
 import cnnjax
 from cnnjax.models import blockspec, lowering
+from tests.conftest import run_compiled_quickly
 
 
 def test_decode_stage_reads_the_original_block_strings():
@@ -74,10 +75,11 @@ def test_padding_conventions():
 
 def test_batchnorm_uses_momentum_099_and_epsilon_1e3():
   model = cnnjax.create_model("efficientnet", width=0.25, depth=0.25, num_classes=3)
-  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3)) * 3 + 1
-  variables = jax.jit(model.init)(jax.random.key(1), x)
-  _, updated = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"],
-                                             rngs={"dropout": jax.random.key(2)}))(variables)
+  x = np.random.default_rng(0).standard_normal((4, 16, 16, 3), np.float32) * 3 + 1
+  variables = run_compiled_quickly(lambda: model.init(jax.random.key(1), x))
+  _, updated = run_compiled_quickly(
+      lambda v: model.apply(v, x, train=True, mutable=["batch_stats"],
+                            rngs={"dropout": jax.random.key(2)}), variables)
   stem = jax.lax.conv_general_dilated(x, variables["params"]["stem"]["kernel"], (2, 2), "SAME",
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
   batch_mean = stem.mean(axis=(0, 1, 2))
@@ -126,11 +128,11 @@ def test_width_multiplier_scales_channels(name, width, first, last):
 def test_compute_dtype_is_separate_from_parameter_dtype():
   model = cnnjax.create_model("resnet20", dtype=jnp.bfloat16)
   x = jnp.ones((2, 32, 32, 3))
-  variables = jax.jit(model.init)(jax.random.key(0), x)
+  variables = run_compiled_quickly(lambda: model.init(jax.random.key(0), x))
   assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype("float32")}
-  logits = jax.jit(model.apply)(variables, x)
+  logits = run_compiled_quickly(model.apply, variables, x)
   assert logits.dtype == jnp.bfloat16
-  reference = jax.jit(cnnjax.create_model("resnet20").apply)(variables, x)
+  reference = run_compiled_quickly(cnnjax.create_model("resnet20").apply, variables, x)
   np.testing.assert_allclose(np.asarray(logits, np.float32), reference, atol=0.1, rtol=0.1)
 
 
