@@ -167,11 +167,12 @@ def test_the_scaling_verdict_checks_the_premise_and_judges_against_the_spread():
   }
   base = [0.60, 0.605, 0.595]
   text = "\n".join(efficientnet_scaling.scaling_verdict(by_method, base))
-  assert ("At phi = 1, width beats the base (75.0% against 60.0%); depth does not beat the base "
-          "(60.0% against 60.0%); resolution does not beat the base (70.0% against 60.0%).") in text
-  assert ("- phi = 1: compound (80.0%) beats width (75.0%), beats depth (60.0%), ties with "
-          "resolution (70.0%).") in text
-  assert "- phi = 2: compound (71.0%) loses to resolution (91.0%)." in text
+  assert ("At phi = 1, width beats the base (75.0% ± 1.0% against 60.0% ± 0.5%); depth does not "
+          "beat the base (60.0% ± 1.0% against 60.0% ± 0.5%); resolution does not beat the base "
+          "(70.0% ± 15.0% against 60.0% ± 0.5%).") in text
+  assert ("- phi = 1: compound (80.0% ± 1.0%) beats width (75.0% ± 1.0%), beats depth "
+          "(60.0% ± 1.0%), ties with resolution (70.0% ± 15.0%).") in text
+  assert "- phi = 2: compound (71.0% ± 1.0%) loses to resolution (91.0% ± 1.0%)." in text
   assert "phi = 3" not in text
   assert efficientnet_scaling.scaling_verdict({"compound": {1: [0.8]}}, []) == []
 
@@ -296,6 +297,20 @@ def test_a_flat_loss_at_chance_is_a_failure_to_start_not_convergence():
   assert row["left_chance"] is False
   table = degradation.model_table([{**r, "point": "m", "test_error": 0.5} for r in rows], ["m"])
   assert table[0]["left_chance"] == "1/2"
+
+
+def test_the_plateau_sentence_names_the_smaller_group():
+  def rows(flags):
+    return [{"name": f"t{i}", "plateaued": flag} for i, flag in enumerate(flags)]
+
+  assert common.plateau_sentence(rows([False, False, None])).startswith(
+      "All 2 finished trials were still improving")
+  few = common.plateau_sentence(rows([True, False, True]))
+  assert few.startswith("Still improving when") and few.endswith(": t1 (1 of 3 finished trials).")
+  many = common.plateau_sentence(rows([False, True, False, False]))
+  assert many.startswith("3 of 4 finished trials were still improving")
+  assert many.endswith("only these had plateaued: t1.") and "t0" not in many
+  assert common.plateau_sentence(rows([None])) == ""
 
 
 def test_plateau_change_reads_a_falling_and_a_flat_loss():

@@ -63,6 +63,12 @@ def fmt_pct(value) -> str:
   return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def fmt_spread(values) -> str:
+  """"75.6% ± 1.6%": the mean and standard deviation of `values` over seeds."""
+  mean, std = spread(values)
+  return fmt_pct(mean) if std is None else f"{fmt_pct(mean)} ± {fmt_pct(std)}"
+
+
 
 
 def config_trials(config) -> list[Trial]:
@@ -165,13 +171,22 @@ def annotate_convergence(row: dict, curve: dict, tail: int, num_classes: int) ->
 
 def plateau_sentence(rows: list[dict]) -> str:
   """Which trials were still improving when their budget ended, or that none was; and which
-  never left chance."""
+  never left chance. Names the smaller group, so that a long sweep's sentence stays readable."""
   stalled = [r["name"] for r in rows if r["plateaued"] is False]
-  if stalled:
-    sentence = (f"Still improving when their budget ended (training loss changed by "
-                f"{100 * PLATEAU_CHANGE:g}% or more over the last 20% of the run): "
-                f"{', '.join(stalled)}.")
-  elif any(r["plateaued"] for r in rows):
+  flat = [r["name"] for r in rows if r["plateaued"]]
+  rule = (f"training loss changed by {100 * PLATEAU_CHANGE:g}% or more over the last 20% of "
+          "the run")
+  finished = len(stalled) + len(flat)
+  if stalled and not flat:
+    sentence = (f"All {finished} finished trials were still improving when their budget "
+                f"ended ({rule}).")
+  elif stalled and len(stalled) <= len(flat):
+    sentence = (f"Still improving when their budget ended ({rule}): {', '.join(stalled)} "
+                f"({len(stalled)} of {finished} finished trials).")
+  elif stalled:
+    sentence = (f"{len(stalled)} of {finished} finished trials were still improving when their "
+                f"budget ended ({rule}); only these had plateaued: {', '.join(flat)}.")
+  elif flat:
     sentence = (f"Every finished trial's training loss had plateaued (under "
                 f"{100 * PLATEAU_CHANGE:g}% change over the last 20% of the run).")
   else:

@@ -300,8 +300,7 @@ def scaling_verdict(by_method: dict[str, dict[float, list[float]]],
       if at_one:
         outcome = common.compare(at_one, base)
         premise.append(f"{method} {'beats' if outcome == 'higher' else 'does not beat'} the "
-                       f"base ({common.fmt_pct(common.spread(at_one)[0])} against "
-                       f"{common.fmt_pct(common.spread(base)[0])})")
+                       f"base ({common.fmt_spread(at_one)} against {common.fmt_spread(base)})")
     if premise:
       lines += ["At phi = 1, " + "; ".join(premise) + ".", ""]
   compound = by_method.get("compound", {})
@@ -313,10 +312,10 @@ def scaling_verdict(by_method: dict[str, dict[float, list[float]]],
         continue
       outcome = common.compare(compound[phi], rival)
       word = {"higher": "beats", "lower": "loses to", "tie": "ties with"}[outcome]
-      parts.append(f"{word} {method} ({common.fmt_pct(common.spread(rival)[0])})")
+      parts.append(f"{word} {method} ({common.fmt_spread(rival)})")
     if parts:
-      lines.append(f"- phi = {phi:g}: compound ({common.fmt_pct(common.spread(compound[phi])[0])})"
-                   f" " + ", ".join(parts) + ".")
+      lines.append(f"- phi = {phi:g}: compound ({common.fmt_spread(compound[phi])}) "
+                   + ", ".join(parts) + ".")
   if lines and compound:
     lines += ["", "\"Beats\" and \"loses to\" mean a gap larger than both points' standard "
               "deviations over the seeds; anything smaller is a tie.", ""]
