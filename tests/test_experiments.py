@@ -232,6 +232,38 @@ def test_plots_of_means_carry_the_seeds_spread_as_error_bars(tmp_path):
                               "t", errors={"m": [0.02, 0.1]})
   assert bar_ranges(figure) == [(0.6, 0.8), (0.88, 0.92)]  # sorted by x with their values
   assert (tmp_path / "bars.png").stat().st_size and (tmp_path / "lines.png").stat().st_size
+  figure = reports.plot_panels(tmp_path / "panels.png",
+                               {"p1": {"a": ([1, 2], [3, 2]), "_a1": ([1, 2], [3, 1])},
+                                "p2": {"b": ([1, 2], [1, 1]), "a": ([1], [2])},
+                                "p3": {}}, "x", "y", "t", colors={"a": "C5"})
+  visible = [axes for axes in figure.axes if axes.get_visible()]
+  assert [axes.get_title() for axes in visible] == ["p1", "p2", "p3"]
+  assert [len(axes.lines) for axes in visible] == [2, 2, 0]
+  (first, second), (_, again) = visible[0].lines, visible[1].lines
+  assert first.get_color() == second.get_color() == again.get_color() == "C5"
+  assert visible[1].get_xlabel() == "x"  # the slot below p2 is empty
+
+
+def test_the_scaling_curves_fall_into_one_panel_per_stage_and_phi():
+  def row(name, stage, method, phi, point, abg=(1, 1, 1)):
+    return {"name": name, "stage": stage, "method": method, "phi": phi, "point": point,
+            "alpha": abg[0], "beta": abg[1], "gamma": abg[2]}
+
+  rows = [row("b-s0", "base", "base", 0, "b"), row("b-s1", "base", "base", 0, "b"),
+          row("c-s0", "step1", "compound", 1, "c", (1, 1.1, 1.3)),
+          row("c-s1", "step1", "compound", 1, "c", (1, 1.1, 1.3)),
+          row("w-s0", "step2", "width", 1, "w"), row("x-s0", "step2", "compound", 2, "x"),
+          row("u-s0", "budget", "base", 0, "u"), row("y-s0", "step2", "depth", 2, "y")]
+  curves = {r["name"]: {"step": [1, 2], "loss": [2.0, 1.0]} for r in rows if r["name"] != "y-s0"}
+  curves["y-s0"] = {"step": [], "loss": []}  # not started: no line
+  panels = efficientnet_scaling.curve_panels(rows, curves, winner="c")
+  assert list(panels) == ["step 1: candidates at phi = 1", "budget check", "step 2: phi = 1",
+                          "step 2: phi = 2"]
+  assert list(panels["step 1: candidates at phi = 1"]) == ["base", "_b-s1", "(1, 1.1, 1.3)",
+                                                           "_c-s1"]
+  assert list(panels["step 2: phi = 1"]) == ["base", "_b-s1", "compound", "_c-s1", "width"]
+  assert list(panels["step 2: phi = 2"]) == ["base", "_b-s1", "compound"]
+  assert list(panels["budget check"]) == ["base", "_b-s1", "base, 2x budget"]
 
 
 def test_fitted_points_meet_their_flops_within_five_percent():

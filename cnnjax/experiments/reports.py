@@ -62,6 +62,36 @@ def _pyplot():
   return plt
 
 
+def _draw(axes, series: dict[str, tuple[Sequence[float], Sequence[float]]],
+          errors: dict[str, Sequence[float | None]], colors: dict[str, str]) -> None:
+  color = None
+  for label, (xs, ys) in series.items():
+    spreads = errors.get(label) or [None] * len(xs)
+    points = sorted((x, y, e) for x, y, e in zip(xs, ys, spreads, strict=True)
+                    if x is not None and y is not None)
+    if points:
+      style = {"marker": "o"} if len(points) <= 20 else {"linewidth": 1.0}
+      if label.startswith("_") and color is not None:
+        style["color"] = color
+      elif label in colors:
+        style["color"] = colors[label]
+      x_values, y_values = [p[0] for p in points], [p[1] for p in points]
+      (line,) = axes.plot(x_values, y_values, label=label, **style)
+      color = line.get_color()
+      if any(p[2] is not None for p in points):
+        axes.errorbar(x_values, y_values, yerr=[p[2] or 0.0 for p in points], fmt="none",
+                      ecolor=color, capsize=3)
+  axes.grid(alpha=0.3)
+  if axes.lines:  # every series may be empty while a sweep's trials are failing
+    axes.legend(fontsize="small")
+
+
+def _save(figure, path: pathlib.Path) -> None:
+  figure.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  figure.savefig(path)
+
+
 def plot_lines(path: pathlib.Path, series: dict[str, tuple[Sequence[float], Sequence[float]]],
                xlabel: str, ylabel: str, title: str, logx: bool = False,
                logy: bool = False,
@@ -72,22 +102,7 @@ def plot_lines(path: pathlib.Path, series: dict[str, tuple[Sequence[float], Sequ
   closed, for a test to inspect."""
   plt = _pyplot()
   figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-  color = None
-  errors = errors or {}
-  for label, (xs, ys) in series.items():
-    spreads = errors.get(label) or [None] * len(xs)
-    points = sorted((x, y, e) for x, y, e in zip(xs, ys, spreads, strict=True)
-                    if x is not None and y is not None)
-    if points:
-      style = {"marker": "o"} if len(points) <= 20 else {"linewidth": 1.0}
-      if label.startswith("_") and color is not None:
-        style["color"] = color
-      x_values, y_values = [p[0] for p in points], [p[1] for p in points]
-      (line,) = axes.plot(x_values, y_values, label=label, **style)
-      color = line.get_color()
-      if any(p[2] is not None for p in points):
-        axes.errorbar(x_values, y_values, yerr=[p[2] or 0.0 for p in points], fmt="none",
-                      ecolor=color, capsize=3)
+  _draw(axes, series, errors or {}, {})
   if logx:
     axes.set_xscale("log")
   if logy:
@@ -95,12 +110,38 @@ def plot_lines(path: pathlib.Path, series: dict[str, tuple[Sequence[float], Sequ
   axes.set_xlabel(xlabel)
   axes.set_ylabel(ylabel)
   axes.set_title(title)
-  axes.grid(alpha=0.3)
-  if axes.lines:  # every series may be empty while a sweep's trials are failing
-    axes.legend()
-  figure.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  figure.savefig(path)
+  _save(figure, path)
+  plt.close(figure)
+  return figure
+
+
+def plot_panels(path: pathlib.Path,
+                panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]],
+                xlabel: str, ylabel: str, title: str, logy: bool = False,
+                colors: dict[str, str] | None = None) -> Any:
+  """`plot_lines` for many series: one panel per key of `panels` (its title), sharing both
+  axes, two panels a row. A label keeps the colour `colors` gives it in every panel.
+  Returns the figure, closed."""
+  plt = _pyplot()
+  columns = 1 if len(panels) == 1 else 2
+  rows = max(1, -(-len(panels) // columns))
+  figure, grid = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.6 * rows), dpi=110,
+                              sharex=True, sharey=True, squeeze=False)
+  for axes, (name, series) in zip(grid.flat, panels.items()):
+    _draw(axes, series, {}, colors or {})
+    axes.set_title(name, fontsize="medium")
+    if logy:
+      axes.set_yscale("log")
+  for index in range(len(panels), grid.size):  # an empty slot: the panel above shows the x axis
+    grid.flat[index].set_visible(False)
+    grid.flat[index - columns].xaxis.set_tick_params(labelbottom=True)
+    grid.flat[index - columns].set_xlabel(xlabel)
+  for axes in grid[-1]:
+    axes.set_xlabel(xlabel)
+  for axes in grid[:, 0]:
+    axes.set_ylabel(ylabel)
+  figure.suptitle(title)
+  _save(figure, path)
   plt.close(figure)
   return figure
 

@@ -246,15 +246,15 @@ def _sections(config, workdir, rows, table, curves, best, candidates) -> list[st
     sections += ["## Budget", "",
                  *budget_verdict(_accuracies(rows, base_entry["point"]),
                                  _accuracies(rows, budget["point"]), amount, s.budget_check, unit)]
-  _plot_curves(workdir, rows, curves)
+  _plot_curves(workdir, rows, curves, best.trial("step1").name if best else None)
   sections += ["![training loss](training_loss.png)", ""]
   if best is None:
     sections += ["Step 2 waits for every step-1 trial to finish.", ""]
     return sections + _plateau_lines(rows)
   winner = best.trial("step1").name
   sections += [f"Chosen: alpha = {best.alpha:.3f}, beta = {best.beta:.3f}, gamma = "
-               f"{best.gamma:.3f} (mean accuracy "
-               f"{common.fmt_pct(common.spread(_accuracies(rows, winner))[0])}).", "",
+               f"{best.gamma:.3f} (accuracy {common.fmt_spread(_accuracies(rows, winner))}).",
+               "",
                "## Step 2: scaling up", ""]
   methods: dict[str, list[dict]] = {}
   for entry in table:
@@ -327,14 +327,46 @@ def _plateau_lines(rows: list[dict]) -> list[str]:
   return [sentence, ""] if sentence else []
 
 
-def _plot_curves(workdir, rows, curves) -> None:
-  series, last_point = {}, None
+CURVE_COLORS = {"base": "0.45", "base, 2x budget": "C4", "compound": "C0", "width": "C1",
+                "depth": "C2", "resolution": "C3"}
+
+
+def curve_panels(rows: list[dict], curves: dict, winner: str | None) -> dict[str, dict]:
+  """Training-loss series by panel: the step-1 candidates, the budget check, and each phi of
+  step 2 (the step-1 winner is compound at phi = 1); the base's seeds in every panel. Seeds of
+  one point share a colour ("_" labels)."""
+  def panel_of(row) -> tuple[str, str] | None:
+    if row["stage"] == "step1":
+      label = f"({row['alpha']:g}, {row['beta']:g}, {row['gamma']:g})"
+      return "step 1: candidates at phi = 1", label
+    if row["stage"] == "budget":
+      return "budget check", "base, 2x budget"
+    if row["stage"] == "step2":
+      return f"step 2: phi = {row['phi']:g}", row["method"]
+    return None
+
+  grouped: dict[str, list[tuple[str, dict, dict]]] = {}
   for row in rows:
-    curve = curves.get(row["name"])
-    if not curve or not curve["step"]:
-      continue
-    label = row["point"] if row["point"] != last_point else f"_{row['name']}"
-    last_point = row["point"]
-    series[label] = (curve["step"], curve["loss"])
-  reports.plot_lines(workdir / "training_loss.png", series, "step", "training loss",
-                     "Training loss of every trial", logy=True)
+    placed = panel_of(row)
+    if placed:
+      grouped.setdefault(placed[0], []).append((placed[1], row, curves.get(row["name"])))
+    if row["point"] == winner:
+      grouped.setdefault("step 2: phi = 1", []).append(("compound", row, curves.get(row["name"])))
+  base = [("base", row, curves.get(row["name"])) for row in rows if row["stage"] == "base"]
+  panels = {}
+  for name in sorted(grouped, key=lambda n: (not n.startswith("step 1"), n != "budget check", n)):
+    series, last_point = {}, None
+    for label, row, curve in base + sorted(grouped[name], key=lambda e: e[0] != "compound"):
+      if not curve or not curve["step"]:
+        continue
+      key = label if row["point"] != last_point else f"_{row['name']}"
+      last_point = row["point"]
+      series[key] = (curve["step"], curve["loss"])
+    panels[name] = series
+  return panels
+
+
+def _plot_curves(workdir, rows, curves, winner) -> None:
+  reports.plot_panels(workdir / "training_loss.png", curve_panels(rows, curves, winner), "step",
+                      "training loss", "Training loss of every trial (each seed a line)",
+                      logy=True, colors=CURVE_COLORS)
