@@ -244,6 +244,13 @@ def test_plots_of_means_carry_the_seeds_spread_as_error_bars(tmp_path):
   assert visible[1].get_xlabel() == "x"  # the slot below p2 is empty
 
 
+def test_the_scaling_report_says_which_resolutions_read_upsampled_data():
+  (note, _) = efficientnet_scaling.upsampling_note([64, 128, 96, 177, 128], native=96)
+  assert note.startswith("The data are stored at 96 px: 128 px, 177 px read them upsampled")
+  assert efficientnet_scaling.upsampling_note([64, 96], native=96) == []
+  assert efficientnet_scaling.upsampling_note([512], native=None) == []  # sizes vary
+
+
 def test_the_scaling_curves_fall_into_one_panel_per_stage_and_phi():
   def row(name, stage, method, phi, point, abg=(1, 1, 1)):
     return {"name": name, "stage": stage, "method": method, "phi": phi, "point": point,

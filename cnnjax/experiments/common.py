@@ -26,6 +26,15 @@ def num_classes(train_config) -> int:
   return train_config.data.num_classes or info.num_classes
 
 
+def native_resolution(train_config) -> int | None:
+  """The height of the dataset's stored images; None where their sizes vary."""
+  from cnnjax import data  # noqa: PLC0415
+
+  shape = data.info(train_config.data.dataset, train_config.data.data_dir, progress=False,
+                    backend=train_config.data.backend).image_shape
+  return shape[0] if shape else None
+
+
 def model_for(config, num_classes: int):
   return registry.create_model(config.model, num_classes=num_classes, **model_overrides(config))
 

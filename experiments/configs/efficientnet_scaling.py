@@ -20,7 +20,10 @@ see 1x1 maps, and 33 px (2x2 maps there, SAME padding) already costs 2.04x the
 FLOPs: resolution could not be scaled at phi = 1. From 56 px up the FLOPs grow
 smoothly enough that 2x, 4x and 8x are each met within 4% (64 px: 85, 127 and
 175 px). At 64 px the finest texture (26.7 cycles across the image) is still
-below the Nyquist limit, so more resolution shows it more clearly.
+below the Nyquist limit, so more resolution shows it more clearly. The
+scenes are stored at 96 px: the points above it (at phi = 2 and 3, compound
+102 and 137 px, resolution-only 128 and 177 px) read them upsampled, more
+pixels and FLOPs but no finer detail, and the report says so.
 
 Budget: 10 epochs per trial, cosine decay, AdamW at 3e-3, ~16 core-hours for
 the ~54 trials on a 2-core AMD EPYC. It is not a plateau, and no affordable

@@ -186,6 +186,8 @@ def run(config, workdir, trial, command) -> dict:
     common.annotate_convergence(row, curve, tail=3, num_classes=num_classes)
   table = point_table(rows, base_flops)
   sections = _sections(config, workdir, rows, table, curves, best, candidates)
+  sections += upsampling_note([p["resolution"] for p in table],
+                              common.native_resolution(config.train))
   return common.finish(workdir, f"{config.name}: {config.description}", rows, TRIAL_COLUMNS,
                        sections, command)
 
@@ -282,6 +284,16 @@ def _sections(config, workdir, rows, table, curves, best, candidates) -> list[st
   if growth:
     sections += [f"Measured FLOPs of the compound points relative to the base: {growth}.", ""]
   return sections + _plateau_lines(rows)
+
+
+def upsampling_note(resolutions, native: int | None) -> list[str]:
+  """Which resolutions read the data upsampled: more pixels and FLOPs, no finer detail."""
+  above = sorted({r for r in resolutions if native and r > native})
+  if not above:
+    return []
+  listed = ", ".join(f"{r} px" for r in above)
+  return [f"The data are stored at {native} px: {listed} read them upsampled, which adds pixels "
+          "and FLOPs but no finer detail than the stored images hold.", ""]
 
 
 def scaling_verdict(by_method: dict[str, dict[float, list[float]]],
