@@ -298,7 +298,7 @@ def test_the_degradation_verdict_needs_a_gap_beyond_both_spreads():
   worse = degradation.depth_verdict("Plain", "plain20", "plain56", [0.10, 0.12, 0.11],
                                     [0.20, 0.22, 0.19])
   assert worse.endswith("the deeper network trains worse.")
-  assert "20.33% ± 1.53 against 11.00% ± 1.00 for plain20" in worse
+  assert "20.33% ± 1.53% against 11.00% ± 1.00% for plain20" in worse
   better = degradation.depth_verdict("Residual", "resnet20", "resnet56", [0.10, 0.12, 0.11],
                                      [0.05, 0.04, 0.06])
   assert better.endswith("the deeper network trains better.")

@@ -106,7 +106,7 @@ def depth_verdict(family: str, shallow: str, deep: str, shallow_finals: list,
             "least two per model.")
 
   def pct(mean, std):
-    return f"{100 * mean:.2f}% ± {100 * std:.2f}"
+    return f"{100 * mean:.2f}% ± {100 * std:.2f}%"
 
   ends = (f"{family}: the deeper {deep} ends with training error {pct(mean_d, std_d)} against "
           f"{pct(mean_s, std_s)} for {shallow}")
