@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import tempfile
 import time
 from unittest import mock
 
@@ -160,8 +161,6 @@ def test_an_image_folder_becomes_a_dataset(tmp_path):
 
 def test_preparing_leaves_nothing_in_the_temp_directory(tmp_path, monkeypatch):
   """tfds leaves an empty tmp*tfds directory per unprepared builder unless told it is offline."""
-  import tempfile
-
   temp = tmp_path / "temp"
   temp.mkdir()
   monkeypatch.setattr(tempfile, "tempdir", str(temp))

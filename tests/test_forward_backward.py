@@ -116,7 +116,7 @@ def test_zero_init_last_silences_each_residual_branch_at_init():
   variables = run_compiled_quickly(lambda: model.init({"params": jax.random.key(0)}, images))
   state = {"batch_stats": variables["batch_stats"]}
   grads, _ = run_compiled_quickly(jax.grad(_loss_fn(model, images, labels), has_aux=True),
-                    variables["params"], state)
+                                  variables["params"], state)
   for block in ("layer1_0", "layer4_1"):
     assert not np.any(variables["params"][block]["bn2"]["scale"])
     # The zeroed scale still learns; what lies before it in the branch waits a step.
