@@ -19,6 +19,7 @@ import cnnjax
 from cnnjax import analysis
 from cnnjax.models import lowering
 from cnnjax.train import steps
+from tests.conftest import run_compiled_quickly
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -201,8 +202,7 @@ def test_whole_models_are_as_accurate_as_xla_convolutions(name, overrides):
   """
   model = cnnjax.create_model(name, num_classes=10, **overrides)
   images = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
-  variables = jax.jit(lambda: model.init(jax.random.key(1), images[:1])).lower().compile(
-      compiler_options=steps.FAST_COMPILE_OPTIONS)()
+  variables = run_compiled_quickly(lambda: model.init(jax.random.key(1), images[:1]))
 
   def run(mode, dtype):
     net = model.clone(dtype=dtype, param_dtype=dtype)
@@ -218,10 +218,7 @@ def test_whole_models_are_as_accurate_as_xla_convolutions(name, overrides):
       return {"logits": logits, "batch_stats": state, "grads": grads}
 
     both = lambda p: {"inference": outputs(p, False), "training": outputs(p, True)}  # noqa: E731
-    params = cast(variables["params"])
-    compiled = jax.jit(both).lower(params).compile(
-        compiler_options=steps.FAST_COMPILE_OPTIONS)
-    return compiled(params)
+    return run_compiled_quickly(both, cast(variables["params"]))
 
   fast = run("auto", jnp.float32)
   ref = run("xla", jnp.float32)
