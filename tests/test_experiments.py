@@ -18,6 +18,7 @@ import pytest
 import cnnjax
 from cnnjax.experiments import cli, common, kinds, scaling
 from cnnjax.experiments.kinds import degradation, efficientnet_scaling
+from cnnjax.experiments import sweep
 from cnnjax.experiments.sweep import read_status
 from cnnjax.train import default_config
 
@@ -447,6 +448,70 @@ def test_an_interrupted_sweep_ends_with_the_same_table_and_trials_run_alone(data
                  capture_output=True)
   assert (whole / "report.md").exists() and _stable_table(whole) == table
   assert (whole / "trials" / "000-plain20-s0" / "metrics.jsonl").read_bytes() == metrics
+
+  # Another machine's finished trial joins a workdir by its records alone: nothing trains.
+  merged = tmp_path / "merged"
+  done = subprocess.run(_sweep_command(merged, f"--merge_from={alone}", "--trial=1"), env=env,
+                        cwd=REPO, check=True, capture_output=True, text=True)
+  assert "1 finished trials copied" in done.stdout
+  assert _stable_table(merged) == _stable_table(alone)
+  trial = merged / "trials" / "001-plain20-s1"
+  assert sorted(p.name for p in trial.iterdir()) == sorted(sweep.RECORD_FILES)
+  assert (trial / "metrics.jsonl").read_bytes() == (
+      alone / "trials" / trial.name / "metrics.jsonl").read_bytes()
+  # A finished trial counts only under the config it was trained with.
+  changed = subprocess.run(_sweep_command(merged, "--trial=1",
+                                          "--config.train.optimizer.learning_rate=0.5"),
+                           env=env, cwd=REPO, capture_output=True, text=True)
+  assert changed.returncode == 2
+  assert "ConfigMismatchError: finished trial 001-plain20-s1" in changed.stderr
+  assert "optimizer.learning_rate" in changed.stderr
+  assert _stable_table(merged) == _stable_table(alone)  # nothing written over
+
+
+def _fake_trial(directory, status, **files):
+  directory.mkdir(parents=True)
+  for name, text in {"config.json": "{}", "metrics.jsonl": "", **files}.items():
+    (directory / name).write_text(text)
+  (directory / "status.json").write_text(json.dumps({"status": status, "name": directory.name}))
+
+
+def test_merging_copies_finished_records_and_never_overwrites(tmp_path):
+  source, workdir = tmp_path / "source", tmp_path / "workdir"
+  _fake_trial(source / "trials" / "000-a", "done", **{"metrics.jsonl": '{"step": 1}\n'})
+  _fake_trial(source / "trials" / "001-b", "done")
+  _fake_trial(source / "trials" / "002-c", "failed")
+  _fake_trial(source / "trials" / "003-d", "done")
+  (source / "trials" / "000-a" / "checkpoints").mkdir()
+  _fake_trial(workdir / "trials" / "001-b", "done", **{"config.json": '{"mine": 1}'})
+  unfinished = workdir / "trials" / "003-d"
+  unfinished.mkdir(parents=True)
+  (unfinished / "status.json").write_text('{"status": "running"}')
+  before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+
+  merged = sweep.merge_finished(source, workdir)
+
+  assert (merged.copied, merged.kept, merged.unfinished_here) == (["000-a"], ["001-b"], ["003-d"])
+  copied = workdir / "trials" / "000-a"
+  assert sorted(p.name for p in copied.iterdir()) == sorted(sweep.RECORD_FILES)  # no lease left
+  assert all((copied / n).read_bytes() == (source / "trials" / "000-a" / n).read_bytes()
+             for n in sweep.RECORD_FILES)
+  assert {p: p.read_bytes() for p in before} == before  # the workdir's own files untouched
+  assert not (workdir / "trials" / "002-c").exists()  # a failed trial is no result
+  again = sweep.merge_finished(source, workdir)
+  assert (again.copied, again.kept) == ([], ["000-a", "001-b"])
+
+
+def test_bad_merge_sources_are_clear_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no trials/ directory"):
+    sweep.merge_finished(tmp_path / "nowhere", tmp_path / "workdir")
+  _fake_trial(tmp_path / "trials" / "000-a", "done")
+  with pytest.raises(ValueError, match="into itself"):
+    sweep.merge_finished(tmp_path, tmp_path)
+  (tmp_path / "trials" / "000-a" / "config.json").unlink()
+  with pytest.raises(FileNotFoundError, match="lacks config.json"):
+    sweep.merge_finished(tmp_path, tmp_path / "workdir")
+  assert not (tmp_path / "workdir" / "trials" / "000-a" / "status.json").exists()
 
 
 def test_bad_trials_and_foreign_workdirs_are_clear_errors_that_keep_the_results(data_env, tmp_path,

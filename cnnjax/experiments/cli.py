@@ -7,6 +7,8 @@
     python -m experiments.run --config experiments/configs/efficientnet_scaling.py --trial 3
     python -m experiments.run --config experiments/configs/degradation.py \\
         --publish experiments/results/degradation    # copies the finished results, with provenance
+    python -m experiments.run --config experiments/configs/degradation.py \\
+        --merge_from /other/machine/runs/degradation # its finished trials, then the rest here
 
 Configs are locked `ml_collections` ConfigDicts: `--config.<key>=<value>`
 overrides any field, and a key that does not exist is an error that names it.
@@ -72,6 +74,9 @@ def _define_flags(argv: list[str]) -> flags.FlagValues:
                     flag_values=values)
   flags.DEFINE_string("publish", None, "after the run, copy its report, tables and plots here "
                       "with the date, machine and command (never overwrites)", flag_values=values)
+  flags.DEFINE_string("merge_from", None, "before the run, copy the finished trials of this "
+                      "sweep workdir (their records, not checkpoints) into --workdir where it has "
+                      "none; nothing is overwritten", flag_values=values)
   values(argv)
   return values
 
@@ -114,6 +119,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
   return (flags.Error, KeyError, AttributeError, ValueError, FileNotFoundError,
           NotADirectoryError, PermissionError, lease.WorkdirBusyError, lease.WorkdirLeaseLost,
           NonFiniteLossError)
+
+
+def _merge(source: pathlib.Path, workdir: pathlib.Path) -> None:
+  from cnnjax.experiments import sweep  # noqa: PLC0415
+
+  merged = sweep.merge_finished(source, workdir)
+  print(f"merged from {source}: {len(merged.copied)} finished trials copied, "
+        f"{len(merged.kept)} already finished here", flush=True)
+  if merged.unfinished_here:
+    print(f"  kept this workdir's own unfinished attempts at {', '.join(merged.unfinished_here)}; "
+          f"remove a trial's directory here to take {source}'s finished record instead",
+          flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,11 +179,17 @@ def _main(argv: list[str]) -> int:
     print("error: --publish needs a directory, e.g. --publish experiments/results/<name>",
           file=sys.stderr)
     return 2
+  if values.merge_from is not None and not values.merge_from.strip():
+    print("error: --merge_from needs a sweep's workdir, e.g. --merge_from runs/<name>",
+          file=sys.stderr)
+    return 2
   print(f"experiment {config.name}{f' ({variant})' if variant else ''}: {config.description}")
   print(f"workdir {workdir}")
   from cnnjax import host_allocator  # noqa: PLC0415
 
   print(f"host allocator: {host_allocator.state()}", flush=True)
+  if values.merge_from:
+    _merge(pathlib.Path(values.merge_from), workdir)
   from cnnjax.experiments import launch  # noqa: PLC0415
 
   launcher = None

@@ -6,7 +6,15 @@ to the experiment's base training config; `info` is whatever the report needs
 its own config, checkpoints, metrics and `status.json`. Running a sweep again
 skips finished trials, resumes interrupted ones from their checkpoints (the
 training loop does that) and retries failed ones; a failure is recorded with
-its error and the sweep goes on.
+its error and the sweep goes on. A finished trial counts only while its saved
+config is the one the sweep would train now: a changed experiment is an error
+(`ConfigMismatchError`), not old results under new names.
+
+A finished trial's results are three small files (`RECORD_FILES`);
+`merge_finished` copies them from one workdir into another, so machines
+without shared storage can each run `--trial K` and pool what they finished,
+and a sweep that spans several sessions can carry its finished trials along
+without their checkpoints.
 
 Each trial runs under its directory's lease (`cnnjax.lease`): a `--trial K`
 process and a sweep, or two sweeps, never write one trial at once. Who runs
@@ -36,6 +44,9 @@ from cnnjax.train.config import with_overrides as apply_overrides
 log = logging.getLogger("cnnjax.experiments")
 
 DONE, FAILED, RUNNING = "done", "failed", "running"
+# What a finished trial's results are: status (with the result), config and training curve.
+# status.json is written last, so a half-copied trial never reads as finished.
+RECORD_FILES = ("config.json", "metrics.jsonl", "status.json")
 ELSEWHERE = "running elsewhere"  # another process holds the trial's lease
 
 _LAUNCHER = contextvars.ContextVar("cnnjax_launcher", default=None)
@@ -123,6 +134,20 @@ def _placeholder(index: int, trial: Trial, status: str) -> dict:
           "status": status}
 
 
+def _finished_status(base: ml_collections.ConfigDict, directory: pathlib.Path,
+                     trial: Trial) -> dict | None:
+  """The trial's status record; a finished one must have been trained with today's config."""
+  from cnnjax.train.loop import ConfigMismatchError, check_saved_config  # noqa: PLC0415
+
+  status = read_status(directory)
+  if status is not None and status["status"] == DONE:
+    try:
+      check_saved_config(apply_overrides(base, trial.overrides), directory)
+    except ConfigMismatchError as error:
+      raise ConfigMismatchError(f"finished trial {directory.name}: {error}") from None
+  return status
+
+
 def run_sweep(base: ml_collections.ConfigDict, workdir: pathlib.Path, trials: Sequence[Trial],
               only: int | None = None, measure=None, first_index: int = 0) -> list[dict]:
   """Runs every trial (or just `only`, here), returns every trial's status record in order."""
@@ -131,7 +156,7 @@ def run_sweep(base: ml_collections.ConfigDict, workdir: pathlib.Path, trials: Se
   jobs = []
   for offset, trial in enumerate(trials):
     index = first_index + offset
-    status = read_status(trial_dir(workdir, index, trial))
+    status = _finished_status(base, trial_dir(workdir, index, trial), trial)
     if only is not None and index != only:
       records[index] = status or _placeholder(index, trial, "pending")
     elif status is not None and status["status"] == DONE:
@@ -160,6 +185,54 @@ class _ElsewhereTolerant:
     except lease.WorkdirBusyError as error:
       log.warning("trial %d (%s) skipped: %s", index, trial.name, error)
       return {**_placeholder(index, trial, ELSEWHERE), "error": str(error)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Merged:
+  """What `merge_finished` did, by trial directory name."""
+  copied: list[str]
+  kept: list[str]  # finished in both: the destination's record stays
+  unfinished_here: list[str]  # the destination has its own attempt, left as it is
+
+
+def merge_finished(source: str | pathlib.Path, workdir: str | pathlib.Path) -> Merged:
+  """Copies the records (`RECORD_FILES`) of `source`'s finished trials into `workdir`.
+
+  Only into trial directories that `workdir` does not have yet (or that are
+  empty): nothing there is overwritten, neither a finished record nor an
+  unfinished attempt with its checkpoints. Trials are matched by directory
+  name (index and name); whether a copied trial's config is the one a sweep
+  would train is checked when the sweep reads it. Checkpoints are not copied:
+  a finished trial needs none.
+  """
+  source, workdir = pathlib.Path(source), pathlib.Path(workdir)
+  if not (source / "trials").is_dir():
+    raise FileNotFoundError(f"{source} has no trials/ directory: pass the workdir of a sweep "
+                            "(the directory that holds trials/ and results.csv)")
+  if source.resolve() == workdir.resolve():
+    raise ValueError(f"cannot merge {source} into itself: pass another sweep's workdir")
+  merged = Merged([], [], [])
+  for directory in sorted(p for p in (source / "trials").iterdir() if p.is_dir()):
+    status = read_status(directory)
+    if status is None or status["status"] != DONE:
+      continue
+    missing = [n for n in RECORD_FILES if not (directory / n).is_file()]
+    if missing:
+      raise FileNotFoundError(f"finished trial {directory} lacks {', '.join(missing)}; "
+                              "it cannot be merged")
+    destination = workdir / "trials" / directory.name
+    with lease.hold(destination):
+      theirs = read_status(destination)
+      own = [p for p in destination.iterdir() if p.name != lease.FILENAME]
+      if theirs is not None and theirs["status"] == DONE:
+        merged.kept.append(directory.name)
+      elif own:
+        merged.unfinished_here.append(directory.name)
+      else:
+        for name in RECORD_FILES:
+          fileio.write_atomically(destination / name, (directory / name).read_bytes())
+        merged.copied.append(directory.name)
+  return merged
 
 
 def summary_rows(records: Sequence[dict], columns: Sequence[str]) -> list[dict[str, Any]]:

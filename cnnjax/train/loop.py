@@ -77,22 +77,31 @@ def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return dict(walk("", json.loads(config.to_json())))
 
 
-def _check_or_write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+def check_saved_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> bool:
+  """Whether `workdir` holds a run's config; `ConfigMismatchError` where it differs from `config`.
+
+  Keys in `RESUMABLE_CHANGES` may differ: they change how a run goes, not what it computes.
+  """
   path = workdir / "config.json"
-  if path.exists():
-    saved = json.loads(path.read_text())
-    current = _flat(config)
-    changed = sorted(key for key in set(saved) | set(current)
-                     if saved.get(key) != current.get(key)
-                     and not key.startswith(config_lib.RESUMABLE_CHANGES))
-    if changed:
-      details = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:8])
-      raise ConfigMismatchError(
-          f"{workdir} holds a run with a different config ({details}). Resuming it with these "
-          "changes would mix two experiments; use a new --workdir, or restore the old values.")
-    return
-  if jax.process_index() == 0:
-    fileio.write_atomically(path, json.dumps(_flat(config), indent=1, sort_keys=True))
+  if not path.exists():
+    return False
+  saved = json.loads(path.read_text())
+  current = _flat(config)
+  changed = sorted(key for key in set(saved) | set(current)
+                   if saved.get(key) != current.get(key)
+                   and not key.startswith(config_lib.RESUMABLE_CHANGES))
+  if changed:
+    details = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:8])
+    raise ConfigMismatchError(
+        f"{workdir} holds a run with a different config ({details}). Resuming it with these "
+        "changes would mix two experiments; use a new --workdir, or restore the old values.")
+  return True
+
+
+def _check_or_write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  if not check_saved_config(config, workdir) and jax.process_index() == 0:
+    fileio.write_atomically(workdir / "config.json",
+                            json.dumps(_flat(config), indent=1, sort_keys=True))
 
 
 @dataclasses.dataclass
