@@ -6,6 +6,7 @@ import math
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -500,6 +501,16 @@ def test_merging_copies_finished_records_and_never_overwrites(tmp_path):
   assert not (workdir / "trials" / "002-c").exists()  # a failed trial is no result
   again = sweep.merge_finished(source, workdir)
   assert (again.copied, again.kept) == ([], ["000-a", "001-b"])
+
+  # A trial that a live process is training here is left to it, even before it wrote anything.
+  _fake_trial(source / "trials" / "004-e", "done")
+  training = workdir / "trials" / "004-e"
+  training.mkdir()
+  (training / "lease.json").write_text(json.dumps({
+      "host": socket.gethostname(), "pid": os.getppid(), "heartbeat": time.time(),
+      "started": time.time(), "token": "another process"}))
+  assert sweep.merge_finished(source, workdir).unfinished_here == ["003-d", "004-e"]
+  assert [p.name for p in training.iterdir()] == ["lease.json"]
 
 
 def test_bad_merge_sources_are_clear_errors(tmp_path):

@@ -220,19 +220,25 @@ def merge_finished(source: str | pathlib.Path, workdir: str | pathlib.Path) -> M
     if missing:
       raise FileNotFoundError(f"finished trial {directory} lacks {', '.join(missing)}; "
                               "it cannot be merged")
-    destination = workdir / "trials" / directory.name
+    merged_as = _merge_trial(directory, workdir / "trials" / directory.name)
+    getattr(merged, merged_as).append(directory.name)
+  return merged
+
+
+def _merge_trial(source: pathlib.Path, destination: pathlib.Path) -> str:
+  """Copies one finished trial's records where the destination has none; which `Merged` list."""
+  try:
     with lease.hold(destination):
       theirs = read_status(destination)
-      own = [p for p in destination.iterdir() if p.name != lease.FILENAME]
       if theirs is not None and theirs["status"] == DONE:
-        merged.kept.append(directory.name)
-      elif own:
-        merged.unfinished_here.append(directory.name)
-      else:
-        for name in RECORD_FILES:
-          fileio.write_atomically(destination / name, (directory / name).read_bytes())
-        merged.copied.append(directory.name)
-  return merged
+        return "kept"
+      if any(p.name != lease.FILENAME for p in destination.iterdir()):
+        return "unfinished_here"
+      for name in RECORD_FILES:
+        fileio.write_atomically(destination / name, (source / name).read_bytes())
+      return "copied"
+  except lease.WorkdirBusyError:  # a live process is training it here
+    return "unfinished_here"
 
 
 def summary_rows(records: Sequence[dict], columns: Sequence[str]) -> list[dict[str, Any]]:
