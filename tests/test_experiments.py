@@ -540,6 +540,11 @@ def test_bad_trials_and_foreign_workdirs_are_clear_errors_that_keep_the_results(
   degradation = f"--config={CONFIGS / 'degradation.py'}:smoke"
   assert _run([degradation, f"--workdir={tmp_path / 'sweep'}", "--trial=7"]) == 2
   assert "--trial 7 does not exist" in capsys.readouterr().err
+  assert _run([degradation, f"--workdir={tmp_path / 'sweep'}", "--merge_from="]) == 2
+  assert "--merge_from needs a sweep's workdir" in capsys.readouterr().err
+  assert _run([degradation, f"--workdir={tmp_path / 'sweep'}",
+               f"--merge_from={tmp_path / 'nowhere'}"]) == 2
+  assert "nowhere has no trials/ directory" in capsys.readouterr().err
 
 
 def test_finetune_from_a_weights_file_on_an_image_folder(tmp_path, capsys):
