@@ -32,7 +32,7 @@ PROMISED = {
     "degradation": ["training_error.png"],
     "depthwise": ["cost_ratio.json"],
     "efficientnet_scaling": ["grid_search.png", "accuracy_vs_flops.png"],
-    "finetune": ["pretrained.safetensors"],
+    "finetune": ["trials/000-pretrain/pretrained.safetensors"],
     "zoo": [],
 }
 
@@ -479,11 +479,13 @@ def _fake_trial(directory, status, **files):
 
 def test_merging_copies_finished_records_and_never_overwrites(tmp_path):
   source, workdir = tmp_path / "source", tmp_path / "workdir"
-  _fake_trial(source / "trials" / "000-a", "done", **{"metrics.jsonl": '{"step": 1}\n'})
+  _fake_trial(source / "trials" / "000-a", "done",
+              **{"metrics.jsonl": '{"step": 1}\n', "weights.safetensors": "kept beside"})
   _fake_trial(source / "trials" / "001-b", "done")
   _fake_trial(source / "trials" / "002-c", "failed")
   _fake_trial(source / "trials" / "003-d", "done")
   (source / "trials" / "000-a" / "checkpoints").mkdir()
+  (source / "trials" / "000-a" / "lease.json").write_text("{}")  # a record of no trial
   _fake_trial(workdir / "trials" / "001-b", "done", **{"config.json": '{"mine": 1}'})
   unfinished = workdir / "trials" / "003-d"
   unfinished.mkdir(parents=True)
@@ -494,9 +496,10 @@ def test_merging_copies_finished_records_and_never_overwrites(tmp_path):
 
   assert (merged.copied, merged.kept, merged.unfinished_here) == (["000-a"], ["001-b"], ["003-d"])
   copied = workdir / "trials" / "000-a"
-  assert sorted(p.name for p in copied.iterdir()) == sorted(sweep.RECORD_FILES)  # no lease left
+  records = sorted([*sweep.RECORD_FILES, "weights.safetensors"])
+  assert sorted(p.name for p in copied.iterdir()) == records  # no lease, no checkpoints
   assert all((copied / n).read_bytes() == (source / "trials" / "000-a" / n).read_bytes()
-             for n in sweep.RECORD_FILES)
+             for n in records)
   assert {p: p.read_bytes() for p in before} == before  # the workdir's own files untouched
   assert not (workdir / "trials" / "002-c").exists()  # a failed trial is no result
   again = sweep.merge_finished(source, workdir)
@@ -547,6 +550,36 @@ def test_bad_trials_and_foreign_workdirs_are_clear_errors_that_keep_the_results(
   assert "nowhere has no trials/ directory" in capsys.readouterr().err
 
 
+def test_a_finetune_sweep_split_over_machines_carries_the_pretrained_weights(
+    data_env, tmp_path, monkeypatch, capsys):
+  """Machine A pretrains (--trial 0); machine B, without shared storage, merges and fine-tunes."""
+  config = f"--config={CONFIGS / 'finetune.py'}:smoke"
+  machine_a, machine_b = tmp_path / "a", tmp_path / "b"
+  machine_a.mkdir(), machine_b.mkdir()
+  monkeypatch.chdir(machine_a)  # the same relative --workdir on both, as the README says
+  assert _run([config, "--workdir=runs/finetune", "--trial=0"]) == 0
+  pretrained = machine_a / "runs/finetune/trials/000-pretrain"
+  monkeypatch.chdir(machine_b)
+  assert _run([config, "--workdir=runs/finetune",
+               f"--merge_from={machine_a / 'runs/finetune'}"]) == 0
+  assert "1 finished trials copied" in capsys.readouterr().out
+  carried = machine_b / "runs/finetune/trials/000-pretrain"
+  assert not (carried / "checkpoints").exists()
+  weights = (carried / "pretrained.safetensors").read_bytes()
+  assert weights == (pretrained / "pretrained.safetensors").read_bytes()
+
+  (carried / "pretrained.safetensors").unlink()  # lost on the way: nothing to export it from
+  assert _run([config, "--workdir=runs/finetune"]) == 2
+  assert "neither pretrained.safetensors nor checkpoints" in capsys.readouterr().err
+  (carried / "pretrained.safetensors").write_bytes(weights)
+  assert _run([config, "--workdir=runs/finetune"]) == 0
+  rows = _rows(machine_b / "runs/finetune")
+  assert [(r["name"], r["status"]) for r in rows] == [
+      ("pretrain", "done"), ("finetune", "done"), ("linear_probe", "done"), ("scratch", "done")]
+  assert not (carried / "checkpoints").exists()  # trial 0 was not trained again
+  assert (carried / "pretrained.safetensors").read_bytes() == weights
+
+
 def test_finetune_from_a_weights_file_on_an_image_folder(tmp_path, capsys):
   """The user's path: their own weights (1000 classes) and a folder of images (2 classes)."""
   from PIL import Image
@@ -573,7 +606,7 @@ def test_finetune_from_a_weights_file_on_an_image_folder(tmp_path, capsys):
   rows = _rows(workdir)
   assert [r["name"] for r in rows] == ["finetune", "linear_probe", "scratch"]
   assert all(r["status"] == "done" for r in rows)
-  assert not (workdir / "pretrained.safetensors").exists()  # the given file, no pretraining
+  assert not list(workdir.rglob("pretrained.safetensors"))  # the given file, no pretraining
   assert f"Weights: `{weights_path}`" in (workdir / "report.md").read_text()
   # A weights file that is not there fails before anything trains.
   assert _run([f"--config={CONFIGS / 'finetune.py'}:smoke", f"--workdir={tmp_path / 'other'}",

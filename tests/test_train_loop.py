@@ -1,5 +1,6 @@
 """The training loop end to end: accuracy, exact resume, device counts, several processes."""
 
+import hashlib
 import json
 import os
 import pathlib
@@ -241,6 +242,35 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
   harmless.data.in_memory = True
   loop._check_or_write_config(harmless, tmp_path)  # how a run is run may change
   assert json.loads((tmp_path / "config.json").read_text())["model"] == "resnet20"
+
+
+def test_a_run_from_weights_is_known_by_their_contents_not_their_path(tmp_path):
+  weights, moved = tmp_path / "pretrained.safetensors", tmp_path / "moved" / "pretrained.safetensors"
+  weights.write_bytes(b"the weights a run started from")
+  config = train.default_config()
+  config.init_from = str(weights)
+  run = tmp_path / "run"
+  loop._check_or_write_config(config, run)
+  saved = json.loads((run / "config.json").read_text())
+  assert saved[loop.INIT_DIGEST] == hashlib.sha256(weights.read_bytes()).hexdigest()
+  moved.parent.mkdir()
+  moved.write_bytes(weights.read_bytes())
+  relocated = train.default_config()
+  relocated.init_from = str(moved)
+  assert loop.check_saved_config(relocated, run)  # the same weights elsewhere: the same run
+  weights.write_bytes(b"other weights under the old name")
+  with pytest.raises(loop.ConfigMismatchError, match=loop.INIT_DIGEST):
+    loop.check_saved_config(config, run)
+  other = train.default_config()
+  other.init_from = str(tmp_path / "absent.safetensors")
+  with pytest.raises(loop.ConfigMismatchError, match="init_from: .*absent"):
+    loop.check_saved_config(other, run)
+  # A config.json written before digests were recorded: the path alone decides.
+  (run / "config.json").write_text(json.dumps({k: v for k, v in saved.items()
+                                               if k != loop.INIT_DIGEST}))
+  assert loop.check_saved_config(config, run)
+  with pytest.raises(loop.ConfigMismatchError, match="init_from"):
+    loop.check_saved_config(relocated, run)
 
 
 def test_config_typos_name_the_key():

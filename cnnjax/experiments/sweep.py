@@ -10,8 +10,10 @@ its error and the sweep goes on. A finished trial counts only while its saved
 config is the one the sweep would train now: a changed experiment is an error
 (`ConfigMismatchError`), not old results under new names.
 
-A finished trial's results are three small files (`RECORD_FILES`);
-`merge_finished` copies them from one workdir into another, so machines
+A finished trial's results are the plain files at the top of its directory:
+three small ones every trial has (`RECORD_FILES`) and whatever its experiment
+keeps beside them (finetune's exported weights); `merge_finished` copies them
+from one workdir into another, so machines
 without shared storage can each run `--trial K` and pool what they finished,
 and a sweep that spans several sessions can carry its finished trials along
 without their checkpoints.
@@ -44,8 +46,7 @@ from cnnjax.train.config import with_overrides as apply_overrides
 log = logging.getLogger("cnnjax.experiments")
 
 DONE, FAILED, RUNNING = "done", "failed", "running"
-# What a finished trial's results are: status (with the result), config and training curve.
-# status.json is written last, so a half-copied trial never reads as finished.
+# What every finished trial has: status (with the result), config and training curve.
 RECORD_FILES = ("config.json", "metrics.jsonl", "status.json")
 ELSEWHERE = "running elsewhere"  # another process holds the trial's lease
 
@@ -195,8 +196,16 @@ class Merged:
   unfinished_here: list[str]  # the destination has its own attempt, left as it is
 
 
+def record_files(directory: pathlib.Path) -> list[pathlib.Path]:
+  """A trial's records: the plain files at the top of its directory, but its lease.
+
+  Checkpoints and TensorBoard logs are directories: a finished trial needs neither.
+  """
+  return sorted(p for p in directory.iterdir() if p.is_file() and p.name != lease.FILENAME)
+
+
 def merge_finished(source: str | pathlib.Path, workdir: str | pathlib.Path) -> Merged:
-  """Copies the records (`RECORD_FILES`) of `source`'s finished trials into `workdir`.
+  """Copies the records (`record_files`) of `source`'s finished trials into `workdir`.
 
   Only into trial directories that `workdir` does not have yet (or that are
   empty): nothing there is overwritten, neither a finished record nor an
@@ -234,8 +243,9 @@ def _merge_trial(source: pathlib.Path, destination: pathlib.Path) -> str:
         return "kept"
       if any(p.name != lease.FILENAME for p in destination.iterdir()):
         return "unfinished_here"
-      for name in RECORD_FILES:
-        fileio.write_atomically(destination / name, (source / name).read_bytes())
+      # status.json last: a merge cut short leaves a trial that does not read as finished.
+      for path in sorted(record_files(source), key=lambda p: p.name == "status.json"):
+        fileio.write_atomically(destination / path.name, path.read_bytes())
       return "copied"
   except lease.WorkdirBusyError:  # a live process is training it here
     return "unfinished_here"

@@ -13,6 +13,7 @@ what an uninterrupted one does.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -77,16 +78,44 @@ def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return dict(walk("", json.loads(config.to_json())))
 
 
+# A run that starts from a weights file is known by the file's contents, not its path, so
+# that a moved or merged workdir (a finetune sweep keeps its pretrained weights inside) is
+# still the same run; `config.json` records the digest beside the config.
+INIT_DIGEST = "init_from_sha256"
+
+
+def _file_digest(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as handle:
+    for block in iter(lambda: handle.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What `config.json` holds: the flat config, and the digest of `init_from` if it is a file."""
+  flat = _flat(config)
+  source = pathlib.Path(config.init_from).expanduser() if config.init_from else None
+  if source is not None and source.is_file():
+    flat[INIT_DIGEST] = _file_digest(source)
+  return flat
+
+
 def check_saved_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> bool:
   """Whether `workdir` holds a run's config; `ConfigMismatchError` where it differs from `config`.
 
   Keys in `RESUMABLE_CHANGES` may differ: they change how a run goes, not what it computes.
+  So may `init_from`'s path, where the file there has the contents the run started from.
   """
   path = workdir / "config.json"
   if not path.exists():
     return False
   saved = json.loads(path.read_text())
-  current = _flat(config)
+  current = _identity(config)
+  if INIT_DIGEST not in saved:  # saved before digests were recorded: the path decides
+    current.pop(INIT_DIGEST, None)
+  elif saved[INIT_DIGEST] == current.get(INIT_DIGEST):
+    current["init_from"] = saved.get("init_from")
   changed = sorted(key for key in set(saved) | set(current)
                    if saved.get(key) != current.get(key)
                    and not key.startswith(config_lib.RESUMABLE_CHANGES))
@@ -101,7 +130,7 @@ def check_saved_config(config: ml_collections.ConfigDict, workdir: pathlib.Path)
 def _check_or_write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
   if not check_saved_config(config, workdir) and jax.process_index() == 0:
     fileio.write_atomically(workdir / "config.json",
-                            json.dumps(_flat(config), indent=1, sort_keys=True))
+                            json.dumps(_identity(config), indent=1, sort_keys=True))
 
 
 @dataclasses.dataclass
@@ -360,7 +389,9 @@ def evaluate_checkpoint(workdir: str | os.PathLike, which: str = "best",
     path = workdir / "config.json"
     if not path.exists():
       raise FileNotFoundError(f"{workdir} holds no run (no config.json); pass config=")
-    config = config_lib.with_overrides(config_lib.default_config(), json.loads(path.read_text()))
+    saved = json.loads(path.read_text())
+    saved.pop(INIT_DIGEST, None)
+    config = config_lib.with_overrides(config_lib.default_config(), saved)
   directory = workdir / ("best" if which == "best" else "checkpoints")
   if not directory.exists():
     hint = " (the run kept none: set config.best_metric)" if which == "best" else ""

@@ -3,8 +3,11 @@
 The weights come from `config.init_from` (a torchvision/timm or cnnjax
 `save_weights` file), or, when it is empty, from a first trial that trains
 the same model on `config.pretrain` (training-config fields that differ,
-nested like the training config: another dataset, budget) and exports its final variables with `save_weights` to
-`<workdir>/pretrained.safetensors`. Then three trials on the target data:
+nested like the training config: another dataset, budget) and exports its
+final variables with `save_weights` into its own directory
+(`trials/000-pretrain/pretrained.safetensors`), where they are one of its
+records and travel with it through `sweep.merge_finished`. Then three trials
+on the target data:
 fine-tuning every layer, training the classifier only on the frozen body
 (`freeze_body`, a linear probe), and the same network from a random init.
 """
@@ -47,7 +50,13 @@ def export_pretrained(train_config, trial_workdir: pathlib.Path, path: pathlib.P
   if path.exists():
     return
   directory = trial_workdir / "checkpoints"
-  step = max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  steps = [int(p.name) for p in directory.glob("*") if p.name.isdigit()]
+  if not steps:
+    raise FileNotFoundError(
+        f"{trial_workdir} is finished but has neither {path.name} nor checkpoints to export it "
+        "from (merged without them?): copy its weights file there, or delete the trial's "
+        "directory to pretrain again.")
+  step = max(steps)
   with ocp.StandardCheckpointer() as checkpointer:
     state = checkpointer.restore(directory / str(step) / "state")
   variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
@@ -71,9 +80,12 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, trial, command
     records = run_sweep(config.train, workdir, [pretrain], trial,
                         common.measurer(common.num_classes(pretrain_config)))
     first = 1
-    source = workdir / EXPORTED
+    pretrain_dir = trial_dir(workdir, 0, pretrain)
+    source = pretrain_dir / EXPORTED
+    if (workdir / EXPORTED).exists():  # where workdirs before 2026-12-05 keep it
+      source = workdir / EXPORTED
     if records[0]["status"] == DONE:
-      export_pretrained(pretrain_config, trial_dir(workdir, 0, pretrain), source)
+      export_pretrained(pretrain_config, pretrain_dir, source)
     elif trial is None or trial >= 1:
       raise RuntimeError(f"the pretraining trial is {records[0]['status']}: the fine-tuning "
                          "trials need its weights. Run it (or --trial 0) first; "
