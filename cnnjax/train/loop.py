@@ -78,9 +78,9 @@ def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return dict(walk("", json.loads(config.to_json())))
 
 
-# A run that starts from a weights file is known by the file's contents, not its path, so
-# that a moved or merged workdir (a finetune sweep keeps its pretrained weights inside) is
-# still the same run; `config.json` records the digest beside the config.
+# A run that started from a weights file may find it under another path, with the same
+# contents: a moved or merged workdir (a finetune sweep keeps its pretrained weights inside)
+# is still the same run. `config.json` records the digest beside the config.
 INIT_DIGEST = "init_from_sha256"
 
 
@@ -105,17 +105,17 @@ def check_saved_config(config: ml_collections.ConfigDict, workdir: pathlib.Path)
   """Whether `workdir` holds a run's config; `ConfigMismatchError` where it differs from `config`.
 
   Keys in `RESUMABLE_CHANGES` may differ: they change how a run goes, not what it computes.
-  So may `init_from`'s path, where the file there has the contents the run started from.
+  So may `init_from`'s path, where the file there now has the contents the run started from.
   """
   path = workdir / "config.json"
   if not path.exists():
     return False
   saved = json.loads(path.read_text())
   current = _identity(config)
-  if INIT_DIGEST not in saved:  # saved before digests were recorded: the path decides
-    current.pop(INIT_DIGEST, None)
-  elif saved[INIT_DIGEST] == current.get(INIT_DIGEST):
+  if INIT_DIGEST in saved and saved[INIT_DIGEST] == current.get(INIT_DIGEST):
     current["init_from"] = saved.get("init_from")
+  # The path decides otherwise: a resumed run reads its checkpoints, not the weights again.
+  saved.pop(INIT_DIGEST, None), current.pop(INIT_DIGEST, None)
   changed = sorted(key for key in set(saved) | set(current)
                    if saved.get(key) != current.get(key)
                    and not key.startswith(config_lib.RESUMABLE_CHANGES))
