@@ -556,7 +556,7 @@ def test_a_finetune_sweep_split_over_machines_carries_the_pretrained_weights(
   config = f"--config={CONFIGS / 'finetune.py'}:smoke"
   machine_a, machine_b = tmp_path / "a", tmp_path / "b"
   machine_a.mkdir(), machine_b.mkdir()
-  monkeypatch.chdir(machine_a)  # the same relative --workdir on both, as the README says
+  monkeypatch.chdir(machine_a)  # the workdirs' absolute paths differ, and so do the weights'
   assert _run([config, "--workdir=runs/finetune", "--trial=0"]) == 0
   pretrained = machine_a / "runs/finetune/trials/000-pretrain"
   monkeypatch.chdir(machine_b)

@@ -92,13 +92,9 @@ def _file_digest(path: pathlib.Path) -> str:
   return digest.hexdigest()
 
 
-def _identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What `config.json` holds: the flat config, and the digest of `init_from` if it is a file."""
-  flat = _flat(config)
+def _init_digest(config: ml_collections.ConfigDict) -> str | None:
   source = pathlib.Path(config.init_from).expanduser() if config.init_from else None
-  if source is not None and source.is_file():
-    flat[INIT_DIGEST] = _file_digest(source)
-  return flat
+  return _file_digest(source) if source is not None and source.is_file() else None
 
 
 def check_saved_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> bool:
@@ -111,11 +107,13 @@ def check_saved_config(config: ml_collections.ConfigDict, workdir: pathlib.Path)
   if not path.exists():
     return False
   saved = json.loads(path.read_text())
-  current = _identity(config)
-  if INIT_DIGEST in saved and saved[INIT_DIGEST] == current.get(INIT_DIGEST):
+  # Under the same path the file's contents do not matter: a resumed run reads its
+  # checkpoints, not the weights again.
+  saved_digest = saved.pop(INIT_DIGEST, None)
+  current = _flat(config)
+  if (current.get("init_from") != saved.get("init_from") and saved_digest is not None
+      and saved_digest == _init_digest(config)):
     current["init_from"] = saved.get("init_from")
-  # The path decides otherwise: a resumed run reads its checkpoints, not the weights again.
-  saved.pop(INIT_DIGEST, None), current.pop(INIT_DIGEST, None)
   changed = sorted(key for key in set(saved) | set(current)
                    if saved.get(key) != current.get(key)
                    and not key.startswith(config_lib.RESUMABLE_CHANGES))
@@ -129,8 +127,11 @@ def check_saved_config(config: ml_collections.ConfigDict, workdir: pathlib.Path)
 
 def _check_or_write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
   if not check_saved_config(config, workdir) and jax.process_index() == 0:
+    identity = _flat(config)
+    if (digest := _init_digest(config)) is not None:
+      identity[INIT_DIGEST] = digest
     fileio.write_atomically(workdir / "config.json",
-                            json.dumps(_identity(config), indent=1, sort_keys=True))
+                            json.dumps(identity, indent=1, sort_keys=True))
 
 
 @dataclasses.dataclass
