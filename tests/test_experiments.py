@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import cnnjax
-from cnnjax.experiments import cli, common, kinds, scaling
+from cnnjax.experiments import cli, common, kinds, reports, scaling
 from cnnjax.experiments.kinds import degradation, efficientnet_scaling
 from cnnjax.experiments import sweep
 from cnnjax.experiments.sweep import read_status
@@ -91,17 +91,32 @@ def _check_publishing(workdir, destination, capsys):
   config = f"--config={CONFIGS / 'degradation'}.py:smoke"
   assert _run([config, f"--workdir={workdir}", f"--publish={destination}"]) == 0
   copied = sorted(p.name for p in destination.iterdir())
-  assert copied == sorted(["PROVENANCE.md", "report.md", "results.csv", "results.json",
+  assert copied == sorted(["PROVENANCE.md", "report.md", "results.csv", "results.json", "trials",
                            *[p.name for p in workdir.glob("*.png")]])
   assert (destination / "results.csv").read_bytes() == (workdir / "results.csv").read_bytes()
+  # The trials' records travel, without checkpoints: the sweep rebuilds from them, training nothing.
+  for trial in (workdir / "trials").iterdir():
+    published = destination / "trials" / trial.name
+    assert sorted(p.name for p in published.iterdir()) == sorted(sweep.RECORD_FILES)
+    assert all((published / n).read_bytes() == (trial / n).read_bytes() for n in sweep.RECORD_FILES)
+  rebuilt = destination.parent / "rebuilt"
+  assert _run([config, f"--workdir={rebuilt}", f"--merge_from={destination}"]) == 0
+  assert _stable_table(rebuilt) == _stable_table(workdir)
+  assert not list(rebuilt.glob("trials/*/checkpoints"))
   provenance = (destination / "PROVENANCE.md").read_text()
   assert "--publish" in provenance and "degradation.py:smoke" in provenance
   assert " cores, " in provenance and "jax " in provenance
-  before = {p.name: p.read_bytes() for p in destination.iterdir()}
+  # The trials name the machine they trained on, read from their own records.
+  trials = len(list(workdir.glob("trials/*/status.json")))
+  here = reports.machine()
+  assert f"- Trials: {trials}, started " in provenance
+  assert f"  - {here['cpu']}, {here['cores']} cores" in provenance
+  assert provenance.rstrip().endswith(f"({trials} trials)")
+  before = {p: p.read_bytes() for p in destination.rglob("*") if p.is_file()}
   capsys.readouterr()
   assert _run([config, f"--workdir={workdir}", f"--publish={destination}"]) == 2
   assert "already exists; published results are never overwritten" in capsys.readouterr().err
-  assert {p.name: p.read_bytes() for p in destination.iterdir()} == before
+  assert {p: p.read_bytes() for p in destination.rglob("*") if p.is_file()} == before
   capsys.readouterr()
   assert _run([config, f"--workdir={workdir}", "--publish="]) == 2
   assert "--publish needs a directory" in capsys.readouterr().err
@@ -468,6 +483,31 @@ def test_an_interrupted_sweep_ends_with_the_same_table_and_trials_run_alone(data
   assert "ConfigMismatchError: finished trial 001-plain20-s1" in changed.stderr
   assert "optimizer.learning_rate" in changed.stderr
   assert _stable_table(merged) == _stable_table(alone)  # nothing written over
+
+
+def test_provenance_names_the_machines_each_trial_was_trained_on(tmp_path):
+  """Merged trials keep their own machine; a record from before machines were kept says so."""
+  def machine(cpu):
+    return {"cpu": cpu, "cores": 2, "platform": "Linux", "python": "3.11.7", "jax": "0.10.2",
+            "devices": ["cpu:0"]}
+
+  records = [("000-a", "2026-11-28T10:00:00", machine("AMD EPYC")),
+             ("001-b", "2026-12-05T09:00:00", machine("AMD EPYC")),
+             ("002-c", "2026-12-01T12:00:00", machine("Intel Xeon")),
+             ("003-d", "2026-11-30T08:00:00", None)]
+  for name, started, trained_on in records:
+    record = {"status": "done", "started": started}
+    if trained_on:
+      record["machine"] = trained_on
+    _fake_trial(tmp_path / "trials" / name, "done")
+    (tmp_path / "trials" / name / "status.json").write_text(json.dumps(record))
+  lines = reports.trained_on(tmp_path)
+  assert lines[0] == "- Trials: 4, started 2026-11-28 to 2026-12-05; trained on:"
+  assert lines[1].startswith("  - AMD EPYC, 2 cores, Linux;") and lines[1].endswith("(2 trials)")
+  assert sorted(lines[2:]) == sorted([
+      "  - Intel Xeon, 2 cores, Linux; Python 3.11.7, jax 0.10.2; devices: cpu:0 (1 trial)",
+      "  - not recorded (1 trial)"])
+  assert reports.trained_on(tmp_path / "no-sweep") == []
 
 
 def _fake_trial(directory, status, **files):

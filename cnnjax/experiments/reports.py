@@ -1,8 +1,8 @@
 """Result files of an experiment: CSV, JSON, a Markdown report, PNG plots, and their publication.
 
 `publish` copies a finished workdir's results (not its checkpoints) into a
-directory meant for version control, with the date, the machine and the
-command that produced them.
+directory meant for version control, with the date, the command that produced
+them and the machines its trials were trained on.
 """
 
 from __future__ import annotations
@@ -196,8 +196,13 @@ class PublishError(ValueError):
 def publish(workdir: pathlib.Path, destination: pathlib.Path, command: str) -> pathlib.Path:
   """Copies the report, tables and plots of `workdir` to `destination` with provenance.
 
+  A sweep's finished trials travel too, as their records without checkpoints
+  (`sweep.merge_finished`): their training curves stay readable, and
+  `--merge_from <destination>` rebuilds the report without training.
   Never overwrites: an existing destination is an error naming it.
   """
+  from cnnjax.experiments import sweep  # noqa: PLC0415 - sweep imports this module
+
   workdir, destination = pathlib.Path(workdir), pathlib.Path(destination)
   missing = [name for name in PUBLISHED_FILES if not (workdir / name).exists()]
   if missing:
@@ -209,6 +214,8 @@ def publish(workdir: pathlib.Path, destination: pathlib.Path, command: str) -> p
   destination.mkdir(parents=True)
   for path in [*(workdir / n for n in PUBLISHED_FILES), *sorted(workdir.glob("*.png"))]:
     shutil.copy2(path, destination / path.name)
+  if (workdir / "trials").is_dir():
+    sweep.merge_finished(workdir, destination)
   info = machine()
   written = time.localtime((workdir / "report.md").stat().st_mtime)
   (destination / "PROVENANCE.md").write_text("\n".join([
@@ -216,8 +223,33 @@ def publish(workdir: pathlib.Path, destination: pathlib.Path, command: str) -> p
       f"- Published {time.strftime('%Y-%m-%d')} from `{workdir}`; results written "
       f"{time.strftime('%Y-%m-%d %H:%M', written)}.",
       f"- Command: `{command}`",
-      f"- Machine: {info['cpu']}, {info['cores']} cores, {info['platform']}.",
-      f"- Software: Python {info['python']}, jax {info['jax']}; devices: "
-      f"{', '.join(info['devices'])}.",
+      f"- {'Published on' if (workdir / 'trials').is_dir() else 'Machine'}: {_describe(info)}.",
+      *trained_on(workdir),
       ""]))
   return destination
+
+
+def _describe(info: dict) -> str:
+  return (f"{info['cpu']}, {info['cores']} cores, {info['platform']}; Python {info['python']}, "
+          f"jax {info['jax']}; devices: {', '.join(info['devices'])}")
+
+
+def trained_on(workdir: pathlib.Path) -> list[str]:
+  """Provenance lines for a sweep's trials: when they started, and on which machines.
+
+  Trials may have been trained elsewhere and merged (`sweep.merge_finished`),
+  so these come from each trial's own `status.json`, never from this process.
+  """
+  statuses = [json.loads(p.read_text()) for p in sorted(workdir.glob("trials/*/status.json"))]
+  if not statuses:
+    return []
+  started = sorted(s["started"][:10] for s in statuses if s.get("started"))
+  machines: dict[str, int] = {}
+  for status in statuses:
+    # Records written before trials kept their machine say so rather than guess.
+    described = _describe(status["machine"]) if status.get("machine") else "not recorded"
+    machines[described] = machines.get(described, 0) + 1
+  dates = f", started {started[0]} to {started[-1]}" if started else ""
+  return [f"- Trials: {len(statuses)}{dates}; trained on:",
+          *(f"  - {described} ({count} trial{'s' * (count != 1)})"
+            for described, count in sorted(machines.items(), key=lambda item: -item[1]))]

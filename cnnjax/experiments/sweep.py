@@ -40,7 +40,7 @@ from typing import Any
 import ml_collections
 
 from cnnjax import fileio, lease
-from cnnjax.experiments import launch
+from cnnjax.experiments import launch, reports
 from cnnjax.train.config import with_overrides as apply_overrides
 
 log = logging.getLogger("cnnjax.experiments")
@@ -99,9 +99,11 @@ def run_trial(base: ml_collections.ConfigDict, workdir: pathlib.Path, index: int
     status = read_status(directory)
     if status is not None and status["status"] == DONE:
       return status
+    # The machine travels with the record: a merged trial was trained somewhere else.
     record = {"index": index, "name": trial.name, "info": trial.info,
               "overrides": trial.overrides, "status": RUNNING,
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "started_unix": time.time()}
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "started_unix": time.time(),
+              "machine": reports.machine()}
     _write_status(directory, record)
     start = time.perf_counter()
     try:
