@@ -508,6 +508,9 @@ def test_provenance_names_the_machines_each_trial_was_trained_on(tmp_path):
       "  - Intel Xeon, 2 cores, Linux; Python 3.11.7, jax 0.10.2; devices: cpu:0 (1 trial)",
       "  - not recorded (1 trial)"])
   assert reports.trained_on(tmp_path / "no-sweep") == []
+  for name in ("000-a", "001-b", "002-c"):
+    (tmp_path / "trials" / name / "status.json").unlink()
+  assert reports.trained_on(tmp_path)[0] == "- Trials: 1, started 2026-11-30; trained on:"
 
 
 def _fake_trial(directory, status, **files):

@@ -249,7 +249,8 @@ def trained_on(workdir: pathlib.Path) -> list[str]:
     # Records written before trials kept their machine say so rather than guess.
     described = _describe(status["machine"]) if status.get("machine") else "not recorded"
     machines[described] = machines.get(described, 0) + 1
-  dates = f", started {started[0]} to {started[-1]}" if started else ""
+  dates = "" if not started else f", started {started[0]}" + (
+      f" to {started[-1]}" if started[-1] != started[0] else "")
   return [f"- Trials: {len(statuses)}{dates}; trained on:",
           *(f"  - {described} ({count} trial{'s' * (count != 1)})"
             for described, count in sorted(machines.items(), key=lambda item: -item[1]))]
