@@ -26,6 +26,13 @@ def test_there_are_notebooks_and_they_keep_their_outputs():
     assert code, path.name
     assert sum(bool(c.get("outputs")) for c in code) >= len(code) // 2, \
         f"{path.name} was committed without its outputs: execute it before committing"
+    # A reader without a kernel sees the figures too: executed under MPLBACKEND=Agg, a
+    # notebook keeps none.
+    for index, cell in enumerate(code):
+      if "plt.show()" in cell.source:
+        assert any("image/png" in o.get("data", {}) for o in cell.outputs), \
+            f"{path.name}, code cell {index}, was committed without its figure: execute it " \
+            "with matplotlib's inline backend (MPLBACKEND unset)"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
