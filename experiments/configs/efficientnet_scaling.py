@@ -25,8 +25,10 @@ scenes are stored at 96 px: the points above it (at phi = 2 and 3, compound
 102 and 137 px, resolution-only 128 and 177 px) read them upsampled, more
 pixels and FLOPs but no finer detail, and the report says so.
 
-Budget: 10 epochs per trial, cosine decay, AdamW at 3e-3, ~16 core-hours for
-the ~54 trials on a 2-core AMD EPYC. It is not a plateau, and no affordable
+Budget: 10 epochs per trial, cosine decay, AdamW at 3e-3: the 54 trials took
+6.5 hours on one core of a 2-core AMD EPYC (2026-12-05, the other core running
+another sweep; experiments/results/efficientnet_scaling/). It is not a
+plateau, and no affordable
 budget is: single-seed runs of the base (same config, one core each) reached
 69.8% test accuracy at 10 epochs (296 s), 73.9% at 15 (a pilot), 82.3% at 30
 (888 s) and 90.8% at 60 (1,892 s), the training loss still falling 5-10%
