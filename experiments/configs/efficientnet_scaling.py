@@ -32,7 +32,8 @@ plateau, and no affordable
 budget is: single-seed runs of the base (same config, one core each) reached
 69.8% test accuracy at 10 epochs (296 s), 73.9% at 15 (a pilot), 82.3% at 30
 (888 s) and 90.8% at 60 (1,892 s), the training loss still falling 5-10%
-over each run's last 20%; a sweep at 60 epochs would take ~90 core-hours.
+over each run's last 20%; a sweep at 60 epochs would take ~40 core-hours (6x
+the 10-epoch sweep's 6.5) and still not reach a plateau.
 So the budget check (`budget_check`: the base at 20 epochs over the seeds)
 states it in the report, beside every trial's plateau flag. What the budget
 does not decide, measured: at 30 epochs the depth-only point (2x FLOPs)
