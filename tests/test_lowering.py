@@ -198,38 +198,59 @@ def test_whole_models_are_as_accurate_as_xla_convolutions(name, overrides):
   deviations), so two float32 lowerings may differ by ~1e-3 relative. The claim
   is that the fast lowering is as accurate as XLA's convolution: both are
   compared with the same computation in float64, and the fast one may not be
-  worse than 2x XLA's own float32 error.
+  worse than 2x XLA's own float32 error, in the median over several inputs.
+
+  Why a median: one input's error is partly luck. A ReLU input or a max-pool
+  pair within rounding of a tie takes the other branch in float32 than in
+  float64, and the gradient moves by a whole element's share. ResNet-18 on
+  input seed 0 did so under both the fast lowering and XLA's own reductions
+  (5e-3 relative gradient error, the two agreeing to 6e-6), but not under
+  XLA:CPU's YNNPACK reductions (1e-5), on a Sapphire Rapids Xeon; seeds 1-3
+  gave 1.2e-5 to 1.9e-5 under every one. A lowering that is less accurate
+  shows on every input.
   """
   model = cnnjax.create_model(name, num_classes=10, **overrides)
-  images = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
-  variables = run_compiled_quickly(lambda: model.init(jax.random.key(1), images[:1]))
+  inputs = [np.random.default_rng(seed).normal(size=(8, 32, 32, 3)).astype(np.float32)
+            for seed in range(5)]
+  variables = run_compiled_quickly(lambda: model.init(jax.random.key(1), inputs[0][:1]))
 
   def run(mode, dtype):
     net = model.clone(dtype=dtype, param_dtype=dtype)
     cast = lambda tree: jax.tree.map(lambda a: a.astype(dtype), tree)  # noqa: E731
 
-    def outputs(params, train):
+    def outputs(params, images, train):
       def loss(params):
         with lowering.use(mode):
-          logits, state = net.apply({**cast(variables), "params": params}, images.astype(dtype),
+          logits, state = net.apply({**cast(variables), "params": params}, images,
                                     train=train, mutable=["batch_stats"])
         return jnp.sum(jnp.sin(logits)), (logits, state)
       grads, (logits, state) = jax.grad(loss, has_aux=True)(params)
       return {"logits": logits, "batch_stats": state, "grads": grads}
 
-    both = lambda p: {"inference": outputs(p, False), "training": outputs(p, True)}  # noqa: E731
-    return run_compiled_quickly(both, cast(variables["params"]))
+    def both(params, images):
+      return {"inference": outputs(params, images, False),
+              "training": outputs(params, images, True)}
+
+    # Compiled once, run per input. The float32 programs at level 0, as before; the float64
+    # reference at XLA's default level, exact either way and 15x faster to run there (4.7 s
+    # against 0.3 s a pass for ResNet-18).
+    params = cast(variables["params"])
+    options = steps.FAST_COMPILE_OPTIONS if dtype == jnp.float32 else {}
+    compiled = jax.jit(both).lower(params, inputs[0].astype(dtype)).compile(
+        compiler_options=options)
+    return [compiled(params, images.astype(dtype)) for images in inputs]
 
   fast = run("auto", jnp.float32)
   ref = run("xla", jnp.float32)
   with jax.enable_x64(True):
     exact = run("xla", jnp.float64)
-  for mode in exact:
-    for key in exact[mode]:
-      fast_error = _relative_error(fast[mode][key], exact[mode][key])
-      xla_error = _relative_error(ref[mode][key], exact[mode][key])
-      assert fast_error <= 2 * xla_error + 1e-6, (mode, key, fast_error, xla_error)
-      assert fast_error < 1e-2, (mode, key, fast_error)
+  for mode in exact[0]:
+    for key in exact[0][mode]:
+      fast_errors = [_relative_error(f[mode][key], e[mode][key]) for f, e in zip(fast, exact)]
+      xla_errors = [_relative_error(r[mode][key], e[mode][key]) for r, e in zip(ref, exact)]
+      assert np.median(fast_errors) <= 2 * np.median(xla_errors) + 1e-6, \
+          (mode, key, fast_errors, xla_errors)
+      assert max(fast_errors) < 1e-2, (mode, key, fast_errors)
 
 
 @pytest.mark.parametrize("shape,window,stride,padding", [

@@ -99,11 +99,9 @@ def run_trial(base: ml_collections.ConfigDict, workdir: pathlib.Path, index: int
     status = read_status(directory)
     if status is not None and status["status"] == DONE:
       return status
-    # The machine travels with the record: a merged trial was trained somewhere else.
     record = {"index": index, "name": trial.name, "info": trial.info,
               "overrides": trial.overrides, "status": RUNNING,
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "started_unix": time.time(),
-              "machine": reports.machine()}
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "started_unix": time.time()}
     _write_status(directory, record)
     start = time.perf_counter()
     try:
@@ -116,7 +114,10 @@ def run_trial(base: ml_collections.ConfigDict, workdir: pathlib.Path, index: int
                     traceback=traceback.format_exc(), seconds=time.perf_counter() - start)
       log.error("trial %d (%s) failed: %s", index, trial.name, record["error"])
     else:
-      record.update(status=DONE, result=result, seconds=time.perf_counter() - start)
+      # The machine travels with the record, since a merged trial was trained elsewhere. Read
+      # after training: a multi-process trial must initialise jax.distributed before any device.
+      record.update(status=DONE, result=result, seconds=time.perf_counter() - start,
+                    machine=reports.machine())
     _write_status(directory, record)
     return record
 
