@@ -201,8 +201,9 @@ def test_whole_models_are_as_accurate_as_xla_convolutions(name, overrides):
   worse than 2x XLA's own float32 error, in the median over several inputs.
 
   Why a median: one input's error is partly luck. A ReLU input or a max-pool
-  pair within rounding of a tie takes the other branch in float32 than in
-  float64, and the gradient moves by a whole element's share. ResNet-18 on
+  pair within rounding of a tie can take the other branch in float32 than in
+  float64, and the gradient moves by a whole element's share (the likely
+  cause of what follows, inferred, not traced to the element). ResNet-18 on
   input seed 0 did so under both the fast lowering and XLA's own reductions
   (5e-3 relative gradient error, the two agreeing to 6e-6), but not under
   XLA:CPU's YNNPACK reductions (1e-5), on a Sapphire Rapids Xeon; seeds 1-3
