@@ -204,10 +204,11 @@ def test_whole_models_are_as_accurate_as_xla_convolutions(name, overrides):
   pair within rounding of a tie can take the other branch in float32 than in
   float64, and the gradient moves by a whole element's share (the likely
   cause of what follows, inferred, not traced to the element). ResNet-18 on
-  input seed 0 did so under both the fast lowering and XLA's own reductions
-  (5e-3 relative gradient error, the two agreeing to 6e-6), but not under
-  XLA:CPU's YNNPACK reductions (1e-5), on a Sapphire Rapids Xeon; seeds 1-3
-  gave 1.2e-5 to 1.9e-5 under every one. A lowering that is less accurate
+  this test's former single input, `jax.random.normal(jax.random.key(0), ...)`,
+  did so under both the fast lowering and XLA's own reductions (5e-3 relative
+  gradient error, the two agreeing to 6e-6), but not under XLA:CPU's YNNPACK
+  reductions (1e-5), on a Sapphire Rapids Xeon; keys 1-3 gave 1.2e-5 to
+  1.9e-5 under every one. A lowering that is less accurate
   shows on every input.
   """
   model = cnnjax.create_model(name, num_classes=10, **overrides)
