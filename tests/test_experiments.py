@@ -144,6 +144,8 @@ def _scaling_config(**changes):
     ({"tolerance": 0.01}, r"no grid point satisfies .* the closest"),
     ({"base_resolution": 24}, r"resolution 24 is below the network's minimum of 32"),
     ({"phis": (0, 1)}, r"phis must be >= 1"),
+    ({"zero_init_methods": ("compound",)}, r"zero_init_methods takes .*'depth'.*\['compound'\]"),
+    ({"zero_init_methods": ("depth",)}, r"zero_init_methods .* needs config.scaling.baselines"),
 ])
 def test_impossible_scaling_settings_fail_before_anything_trains(changes, message, tmp_path):
   with pytest.raises(scaling.ScalingConfigError, match=message):
@@ -192,6 +194,77 @@ def test_the_scaling_verdict_checks_the_premise_and_judges_against_the_spread():
   assert "- phi = 2: compound (71.0% ± 1.0%) loses to resolution (91.0% ± 1.0%)." in text
   assert "phi = 3" not in text
   assert efficientnet_scaling.scaling_verdict({"compound": {1: [0.8]}}, []) == []
+
+
+def test_a_zero_init_twin_is_its_own_point_and_only_it_changes_the_config():
+  base = scaling.Base(width=0.25, depth=0.25, resolution=64)
+  depth = scaling.compound_point(base, 2.0, 1.0, 1.0, 1.0, method="depth")
+  twin = depth.zero_init_twin()
+  plain_trial, twin_trial = depth.trial("step2"), twin.trial("step2")
+  assert twin.method == "depth_zero_init" and twin_trial.name != plain_trial.name
+  # The published trials' configs (and so their finished records) stay valid: the plain point
+  # gains no key; the twin differs by exactly one.
+  assert "model_overrides.zero_init_residual" not in plain_trial.overrides
+  assert twin_trial.overrides == {**plain_trial.overrides,
+                                  "model_overrides.zero_init_residual": True}
+
+
+def test_the_zero_init_verdict_compares_each_twin_with_its_plain_point_and_the_base():
+  by_method = {"depth": {1: [0.55, 0.60, 0.50], 2: [0.30, 0.35, 0.33]},
+               "depth_zero_init": {1: [0.70, 0.72, 0.71], 2: [0.36, 0.34, 0.35]},
+               "compound": {1: [0.80, 0.81, 0.79]}}
+  base = [0.68, 0.70, 0.69]
+  text = "\n".join(efficientnet_scaling.scaling_verdict(by_method, base))
+  assert "## Zero-initialised residual branches" in text and "timm" in text
+  assert ("- phi = 1: depth_zero_init (71.0% ± 1.0%) beats depth without it (55.0% ± 5.0%), "
+          "beats the base (69.0% ± 1.0%).") in text
+  assert ("- phi = 2: depth_zero_init (35.0% ± 1.0%) ties with depth without it (32.7% ± 2.5%), "
+          "loses to the base (69.0% ± 1.0%).") in text
+  # The twin joins the premise and the compound comparison, after its plain method.
+  assert "depth does not beat the base (55.0% ± 5.0% against 69.0% ± 1.0%); depth_zero_init " \
+         "beats the base" in text
+  assert "beats depth (55.0% ± 5.0%), beats depth_zero_init (71.0% ± 1.0%)" in text
+  assert efficientnet_scaling.zero_init_verdict({"depth": {1: [0.5]}}, base) == []
+
+
+def test_the_full_sweep_appends_the_zero_init_twins_after_every_other_trial(monkeypatch,
+                                                                            tmp_path):
+  """The twins come last, so the published trials keep their indices and directories. FLOPs
+  come from a closed form here (the real measurement compiles nothing but costs a minute)."""
+  from experiments.configs import efficientnet_scaling as scaling_config
+  config = scaling_config.get_config()
+  assert tuple(config.scaling.zero_init_methods) == ("depth",)
+  sweeps = {}
+
+  def fake_sweep(base, workdir, trials, only=None, measure=None, first_index=0):
+    sweeps[first_index] = trials
+    return [{"status": "done", "name": t.name, "index": first_index + i, "info": t.info,
+             "result": {"top1": 0.5}} for i, t in enumerate(trials)]
+
+  def measurer(num_classes):
+    def measure(train_config):
+      model = train_config.model_overrides
+      flops = 1e6 * model.width**2 * math.ceil(16 * model.depth) * train_config.data.image_size**2
+      return {"params": 1, "flops": flops}
+    return measure
+
+  monkeypatch.setattr(efficientnet_scaling, "run_sweep", fake_sweep)
+  monkeypatch.setattr(efficientnet_scaling.common, "measurer", measurer)
+  monkeypatch.setattr(efficientnet_scaling, "summary_rows",
+                      lambda records, columns: [{"name": r["name"]} for r in records])
+  monkeypatch.setattr(efficientnet_scaling.common, "annotate_convergence", lambda *a, **k: None)
+  monkeypatch.setattr(efficientnet_scaling, "point_table", lambda rows, flops: [])
+  monkeypatch.setattr(efficientnet_scaling, "_sections", lambda *a, **k: [])
+  monkeypatch.setattr(efficientnet_scaling.common, "finish", lambda *a, **k: {})
+  efficientnet_scaling.run(config, tmp_path, None, "")
+  (first, step1), (offset, step2) = sorted(sweeps.items())
+  assert first == 0 and offset == len(step1)
+  methods = [t.info["method"] for t in step2]
+  assert methods[-9:] == ["depth_zero_init"] * 9 and "depth_zero_init" not in methods[:-9]
+  assert len(step2) == 9 * 4 + 9 - 3  # compound (phi 2, 3), 3 baselines per phi, the twins
+  plain = [t for t in step2 if t.info["method"] == "depth"]
+  for plain_trial, twin in zip(plain, step2[-9:], strict=True):
+    assert twin.overrides == {**plain_trial.overrides, "model_overrides.zero_init_residual": True}
 
 
 def test_the_budget_check_trains_the_base_longer_and_judges_it_against_the_spread():

@@ -111,8 +111,8 @@ def test_forward_backward_structural(name):
   assert [n for n, r in zip(names, reaching) if not r] == []
 
 
-def test_zero_init_last_silences_each_residual_branch_at_init():
-  model, images, labels = _setup("resnet18", {"zero_init_last": True})
+def test_zero_init_residual_silences_each_residual_branch_at_init():
+  model, images, labels = _setup("resnet18", {"zero_init_residual": True})
   variables = run_compiled_quickly(lambda: model.init({"params": jax.random.key(0)}, images))
   state = {"batch_stats": variables["batch_stats"]}
   grads, _ = run_compiled_quickly(jax.grad(_loss_fn(model, images, labels), has_aux=True),

@@ -36,10 +36,10 @@ def test_unknown_model_lists_the_closest_names():
 
 
 def test_overrides_are_validated_and_applied():
-  model = cnnjax.create_model("resnet18", num_classes=7, zero_init_last=True)
-  assert model.num_classes == 7 and model.zero_init_last
-  with pytest.raises(ValueError, match=r"'zero_init_lst' \(did you mean 'zero_init_last'\?\)"):
-    cnnjax.create_model("resnet18", zero_init_lst=True)
+  model = cnnjax.create_model("resnet18", num_classes=7, zero_init_residual=True)
+  assert model.num_classes == 7 and model.zero_init_residual
+  with pytest.raises(ValueError, match=r"'zero_init_resid' \(did you mean 'zero_init_residual'\?\)"):
+    cnnjax.create_model("resnet18", zero_init_resid=True)
   with pytest.raises(ValueError, match="num_classes must be a positive integer"):
     cnnjax.create_model("resnet18", num_classes=0)
 

@@ -21,6 +21,9 @@ from cnnjax.experiments.sweep import Trial
 from cnnjax.models.efficientnet import VARIANTS as OFFICIAL_VARIANTS
 
 METHODS = ("compound", "width", "depth", "resolution")
+# A single-dimension baseline trained again with its residual branches zero-initialised
+# (`zero_init_residual`) is its own method: "<method>_zero_init".
+ZERO_INIT_SUFFIX = "_zero_init"
 
 
 class ScalingConfigError(ValueError):
@@ -47,13 +50,22 @@ class Point:
   resolution: int
   # When fitted to a FLOPs target: the exponent that was applied to (alpha, beta, gamma).
   exponent: float | None = None
+  # Residual blocks start as the identity (the model's `zero_init_residual`).
+  zero_init_residual: bool = False
 
   def trial(self, stage: str) -> Trial:
     name = (f"{stage}-{self.method}-phi{self.phi:g}-a{self.alpha:.3f}-b{self.beta:.3f}-"
             f"g{self.gamma:.3f}")
     overrides = {"model": "efficientnet", "model_overrides.width": self.width,
                  "model_overrides.depth": self.depth, "data.image_size": self.resolution}
+    if self.zero_init_residual:  # only then: the trials published before it keep their configs
+      overrides["model_overrides.zero_init_residual"] = True
     return Trial(name, overrides, {"stage": stage, **dataclasses.asdict(self)})
+
+  def zero_init_twin(self) -> Point:
+    """The same network with its residual branches zero-initialised, as its own method."""
+    return dataclasses.replace(self, method=self.method + ZERO_INIT_SUFFIX,
+                               zero_init_residual=True)
 
 
 def flops_product(alpha: float, beta: float, gamma: float) -> float:

@@ -5,6 +5,9 @@
 Shortcuts are option A: identity, or stride-2 subsampling with zero-padded
 extra channels, so they add no parameters and the plain networks (the same
 layers without shortcuts) have exactly the same parameter count.
+`zero_init_residual` starts each block's last BatchNorm scale at 0: a ResNet-56
+then starts as its stem, shortcuts and classifier, the function a ResNet-20 so
+initialised computes too.
 """
 
 from __future__ import annotations
@@ -40,13 +43,15 @@ class CifarBlock(nn.Module):
   conv: ModuleDef
   norm: ModuleDef
   activation: Callable
+  zero_init_residual: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     y = self.conv(self.features, (3, 3), self.strides, padding=((1, 1), (1, 1)), name="conv1")(x)
     y = self.activation(self.norm(name="bn1")(y, use_running_average=not train))
     y = self.conv(self.features, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(y)
-    y = self.norm(name="bn2")(y, use_running_average=not train)
+    last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+    y = self.norm(scale_init=last_scale, name="bn2")(y, use_running_average=not train)
     if self.residual:
       y = y + zero_pad_shortcut(x, self.features, self.strides)
     return self.activation(y)
@@ -58,6 +63,7 @@ class CifarResNet(nn.Module):
   residual: bool = True
   num_classes: int = 10
   widths: tuple[int, int, int] = (16, 32, 64)
+  zero_init_residual: bool = False
   conv: ModuleDef = lowering.Conv
   norm: ModuleDef = functools.partial(BatchNorm, momentum=0.9, epsilon=1e-5)
   activation: Callable = nn.relu
@@ -69,6 +75,10 @@ class CifarResNet(nn.Module):
     if (self.depth - 2) % 6 != 0 or self.depth < 8:
       raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...), "
                        f"got {self.depth}")
+    if self.zero_init_residual and not self.residual:
+      raise ValueError("zero_init_residual zeroes the last BatchNorm of each residual branch; a "
+                       "plain network has no shortcut, so it would start with every block dead. "
+                       "Use it with the resnet* networks, or leave it False")
     common.require_input_size(x, 1, type(self).__name__)
     blocks_per_stage = (self.depth - 2) // 6
     conv = functools.partial(self.conv, use_bias=False, kernel_init=common.torch_conv_init,
@@ -80,7 +90,8 @@ class CifarResNet(nn.Module):
       for index in range(blocks_per_stage):
         strides = 2 if stage > 0 and index == 0 else 1
         x = CifarBlock(features, strides, self.residual, conv=conv, norm=norm,
-                       activation=self.activation, name=f"stage{stage + 1}_{index}")(x, train)
+                       activation=self.activation, zero_init_residual=self.zero_init_residual,
+                       name=f"stage{stage + 1}_{index}")(x, train)
     x = common.global_avg_pool(x)
     return nn.Dense(self.num_classes, kernel_init=common.torch_default_init, dtype=self.dtype,
                     param_dtype=self.param_dtype, name="fc")(x)

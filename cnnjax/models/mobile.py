@@ -13,6 +13,10 @@ Blocks:
 - `mb` inverted residual / MBConv (MobileNet v2, EfficientNet): 1x1 expansion
   (skipped at ratio 1), depthwise kxk, optional squeeze-excite, linear 1x1
   projection, identity shortcut with stochastic depth when shapes allow.
+  `zero_init_residual` starts the projection's BatchNorm scale at 0 in the
+  blocks that have the shortcut, so each starts as the identity and a deeper
+  network starts as the shallower one; blocks without a shortcut keep the
+  reference initialisation (zeroed, they would pass nothing on).
 """
 
 from __future__ import annotations
@@ -67,11 +71,13 @@ class MBConvBlock(nn.Module):
   norm: ModuleDef
   activation: Callable
   padding: str
+  zero_init_residual: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     spec = self.spec
     inputs = x
+    has_shortcut = spec.stride == 1 and spec.in_features == spec.out_features
     hidden = int(round(spec.in_features * spec.expand_ratio))
     if spec.expand_ratio != 1:
       x = self.conv(hidden, (1, 1), padding="VALID", name="expand")(x)
@@ -85,8 +91,10 @@ class MBConvBlock(nn.Module):
       reduced = max(1, int(spec.in_features * spec.se_ratio))
       x = common.SqueezeExcite(reduced, conv=self.conv, activation=self.activation, name="se")(x)
     x = self.conv(spec.out_features, (1, 1), padding="VALID", name="project")(x)
-    x = self.norm(name="bn_project")(x, use_running_average=not train)
-    if spec.stride == 1 and spec.in_features == spec.out_features:
+    zeroed = self.zero_init_residual and has_shortcut
+    x = self.norm(scale_init=nn.initializers.zeros if zeroed else nn.initializers.ones,
+                  name="bn_project")(x, use_running_average=not train)
+    if has_shortcut:
       x = common.StochasticDepth(spec.drop_path, name="drop_path")(x, train)
       x = x + inputs
     return x
@@ -109,6 +117,8 @@ class MobileConvNet(nn.Module):
   dropout: float = 0.2
   drop_path: float = 0.0
   separable: bool = True
+  # Residual MBConv blocks start as the identity (see MBConvBlock); off in every reference.
+  zero_init_residual: bool = False
   padding: str = "SAME"
   activation: Callable = nn.swish
   conv: ModuleDef = lowering.Conv
@@ -163,7 +173,8 @@ class MobileConvNet(nn.Module):
     x = self.activation(norm(name="bn_stem")(x, use_running_average=not train))
     for index, spec in enumerate(blocks):
       if spec.kind == "mb":
-        block = MBConvBlock(spec, conv, norm, self.activation, self.padding, name=f"block{index}")
+        block = MBConvBlock(spec, conv, norm, self.activation, self.padding,
+                            zero_init_residual=self.zero_init_residual, name=f"block{index}")
       else:
         block = SeparableBlock(spec, self.separable and spec.kind == "ds", conv, norm,
                                self.activation, self.padding, name=f"block{index}")

@@ -2,7 +2,9 @@
 
 Basic and bottleneck blocks, the stride in the bottleneck's 3x3 convolution
 ("v1.5", as torchvision), projection shortcuts (1x1 conv + BN) where the shape
-changes, and optional zero-initialised last BatchNorm scale in each block.
+changes, and `zero_init_residual` (torchvision's name; timm's `zero_init_last`): the last
+BatchNorm scale of each residual branch starts at 0, so every block starts as its shortcut
+(Goyal et al. 2017). Off by default, so that torchvision's initialisation is kept.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class BasicBlock(nn.Module):
   conv: ModuleDef
   norm: ModuleDef
   activation: Callable
-  zero_init_last: bool = False
+  zero_init_residual: bool = False
   expansion = 1
 
   @nn.compact
@@ -36,7 +38,7 @@ class BasicBlock(nn.Module):
     y = self.conv(self.features, (3, 3), self.strides, padding=((1, 1), (1, 1)), name="conv1")(x)
     y = self.activation(self.norm(name="bn1")(y, use_running_average=not train))
     y = self.conv(self.features, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(y)
-    last_scale = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
+    last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
     y = self.norm(scale_init=last_scale, name="bn2")(y, use_running_average=not train)
     if residual.shape != y.shape:
       residual = self.conv(self.features, (1, 1), self.strides, padding="VALID", name="downsample_conv")(x)
@@ -50,7 +52,7 @@ class Bottleneck(nn.Module):
   conv: ModuleDef
   norm: ModuleDef
   activation: Callable
-  zero_init_last: bool = False
+  zero_init_residual: bool = False
   expansion = 4
 
   @nn.compact
@@ -62,7 +64,7 @@ class Bottleneck(nn.Module):
     y = self.conv(self.features, (3, 3), self.strides, padding=((1, 1), (1, 1)), name="conv2")(y)
     y = self.activation(self.norm(name="bn2")(y, use_running_average=not train))
     y = self.conv(out_features, (1, 1), padding="VALID", name="conv3")(y)
-    last_scale = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
+    last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
     y = self.norm(scale_init=last_scale, name="bn3")(y, use_running_average=not train)
     if residual.shape != y.shape:
       residual = self.conv(out_features, (1, 1), self.strides, padding="VALID", name="downsample_conv")(x)
@@ -76,7 +78,7 @@ class ResNet(nn.Module):
   block: type[nn.Module]
   num_classes: int = 1000
   width: int = 64
-  zero_init_last: bool = False
+  zero_init_residual: bool = False
   conv: ModuleDef = lowering.Conv
   norm: ModuleDef = functools.partial(BatchNorm, momentum=0.9, epsilon=1e-5)
   activation: Callable = nn.relu
@@ -96,7 +98,7 @@ class ResNet(nn.Module):
       for index in range(num_blocks):
         strides = 2 if stage > 0 and index == 0 else 1
         x = self.block(self.width * 2**stage, strides, conv=conv, norm=norm,
-                       activation=self.activation, zero_init_last=self.zero_init_last,
+                       activation=self.activation, zero_init_residual=self.zero_init_residual,
                        name=f"layer{stage + 1}_{index}")(x, train)
     x = common.global_avg_pool(x)
     return nn.Dense(self.num_classes, kernel_init=common.torch_default_init, dtype=self.dtype,

@@ -50,6 +50,15 @@ def scaling_plan(config) -> tuple[list[scaling.Point], list[tuple[float, float, 
                                      f"got {s.mode!r}")
   if not s.phis or min(s.phis) < 1:
     raise scaling.ScalingConfigError(f"config.scaling.phis must be >= 1, got {tuple(s.phis)}")
+  unknown = set(s.zero_init_methods) - {"width", "depth", "resolution"}
+  if unknown:
+    raise scaling.ScalingConfigError(
+        f"config.scaling.zero_init_methods takes single-dimension baselines ('width', 'depth', "
+        f"'resolution'), got {sorted(unknown)}")
+  if s.zero_init_methods and not s.baselines:
+    raise scaling.ScalingConfigError("config.scaling.zero_init_methods retrains baselines with "
+                                     "zero-initialised residual branches; it needs "
+                                     "config.scaling.baselines = True")
   if s.budget_check and not s.budget_check > 1:
     raise scaling.ScalingConfigError(
         f"config.scaling.budget_check must be 0 (off) or a factor above 1 on the training "
@@ -150,7 +159,7 @@ def run(config, workdir, trial, command) -> dict:
   step2_records, best = [], None
   if all(name in accuracy for name in step1_names) and base_point.trial("base").name in accuracy:
     best = max(step1_points, key=lambda p: accuracy[p.trial("step1").name])
-    points = []
+    points, twins = [], []
     if s.mode == "official":
       points += scaling.official_points(base, list(s.phis))
     else:
@@ -169,6 +178,10 @@ def run(config, workdir, trial, command) -> dict:
                   f"{method}-only scaling at phi={phi} gets no closer than {100 * miss:+.1f}% "
                   "to the compound point's FLOPs; use a finer channel_divisor")
             points.append(point)
+            if method in s.zero_init_methods:
+              twins.append(point.zero_init_twin())
+    # The twins last: a sweep that gained them keeps its trials' indices (their directories).
+    points += twins
     scaling.check_resolution(base, points)
     step2 = common.with_seeds([p.trial("step2") for p in points], config.seeds)
     step2_records = run_sweep(config.train, workdir, step2, trial, measure,
@@ -307,7 +320,7 @@ def scaling_verdict(by_method: dict[str, dict[float, list[float]]],
   lines = []
   if base:
     premise = []
-    for method in ("width", "depth", "resolution"):
+    for method in _baselines(by_method):
       at_one = by_method.get(method, {}).get(1)
       if at_one:
         outcome = common.compare(at_one, base)
@@ -318,7 +331,7 @@ def scaling_verdict(by_method: dict[str, dict[float, list[float]]],
   compound = by_method.get("compound", {})
   for phi in sorted(compound):
     parts = []
-    for method in ("width", "depth", "resolution"):
+    for method in _baselines(by_method):
       rival = by_method.get(method, {}).get(phi)
       if not rival or not compound[phi]:
         continue
@@ -329,9 +342,61 @@ def scaling_verdict(by_method: dict[str, dict[float, list[float]]],
       lines.append(f"- phi = {phi:g}: compound ({common.fmt_spread(compound[phi])}) "
                    + ", ".join(parts) + ".")
   if lines and compound:
-    lines += ["", "\"Beats\" and \"loses to\" mean a gap larger than both points' standard "
+    lines += [""]
+  lines += zero_init_verdict(by_method, base)
+  if lines:
+    lines += ["\"Beats\" and \"loses to\" mean a gap larger than both points' standard "
               "deviations over the seeds; anything smaller is a tie.", ""]
   return lines
+
+
+def _baselines(by_method: dict) -> list[str]:
+  """The single-dimension methods present, each followed by its zero-init twin."""
+  order = [m for single in ("width", "depth", "resolution")
+           for m in (single, single + scaling.ZERO_INIT_SUFFIX)]
+  return [m for m in order if m in by_method]
+
+
+def zero_init_verdict(by_method: dict[str, dict[float, list[float]]],
+                      base: list[float]) -> list[str]:
+  """What zero-initialised residual branches change for each retrained baseline, per phi.
+
+  The first sentence is the cross-framework finding that motivated the twins:
+  the deepest depth-only network, exported with `save_weights` and trained in
+  timm from the same weights on the same batches, trains no better there
+  (`benchmarks/depth_parity.py`, BENCHMARKS.md), so its failure is this
+  network's initialisation at this recipe, not a cnnjax defect.
+  """
+  twins = sorted(m for m in by_method if m.endswith(scaling.ZERO_INIT_SUFFIX))
+  if not twins:
+    return []
+  lines = ["## Zero-initialised residual branches", "",
+           "Depth-only scaling of this width-0.25 base puts 4-6 channel stages behind up to 14 "
+           "residual blocks each. The same network, exported with `save_weights` and trained in "
+           "PyTorch (timm's EfficientNet) from the same weights on the same batches with the same "
+           "optimizer, ends no better there (`benchmarks/depth_parity.py`, BENCHMARKS.md): the "
+           "framework is not the cause. The twins below differ only in `zero_init_residual`: "
+           "the last BatchNorm scale of every residual block starts at 0, so each deeper network "
+           "starts as the shallower one (Goyal et al. 2017). The base, compound, width- and "
+           "resolution-only networks (depth 0.25) have no residual block, so zero-init would "
+           "leave them unchanged and they were not retrained.", ""]
+  word = {"higher": "beats", "lower": "loses to", "tie": "ties with"}
+  for twin in twins:
+    plain = twin[:-len(scaling.ZERO_INIT_SUFFIX)]
+    for phi in sorted(by_method[twin]):
+      ours = by_method[twin][phi]
+      if not ours:
+        continue
+      parts = []
+      if by_method.get(plain, {}).get(phi):
+        rival = by_method[plain][phi]
+        parts.append(f"{word[common.compare(ours, rival)]} {plain} without it "
+                     f"({common.fmt_spread(rival)})")
+      if base:
+        parts.append(f"{word[common.compare(ours, base)]} the base ({common.fmt_spread(base)})")
+      lines.append(f"- phi = {phi:g}: {twin} ({common.fmt_spread(ours)}) " + ", ".join(parts)
+                   + ".")
+  return lines + [""]
 
 
 def _plateau_lines(rows: list[dict]) -> list[str]:
@@ -340,7 +405,8 @@ def _plateau_lines(rows: list[dict]) -> list[str]:
 
 
 CURVE_COLORS = {"base": "0.45", "base, 2x budget": "C4", "compound": "C0", "width": "C1",
-                "depth": "C2", "resolution": "C3"}
+                "depth": "C2", "resolution": "C3", "depth_zero_init": "C5",
+                "width_zero_init": "C6", "resolution_zero_init": "C7"}
 
 
 def curve_panels(rows: list[dict], curves: dict, winner: str | None) -> dict[str, dict]:
