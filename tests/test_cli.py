@@ -102,3 +102,20 @@ def test_reading_back_a_run_or_a_sweep_names_what_is_missing(tmp_path):
   with pytest.raises(FileNotFoundError, match="has no results.json: run the experiment there"):
     reports.read_results(tmp_path)
   assert list(tmp_path.iterdir()) == []   # reading writes nothing
+
+
+def test_a_full_disk_ends_with_one_error_line_and_exit_1(tmp_path, monkeypatch, capsys):
+  from cnnjax.experiments import kinds
+  from cnnjax.train.checkpoint import DiskFullError
+
+  def full(*args, **kwargs):
+    raise DiskFullError(28, f"no space left in {tmp_path} for the checkpoint of step 8: it needs "
+                            "up to 1.0 MiB (1,048,576 bytes, the train state), 0.0 MiB are free; "
+                            "the checkpoint of step 4 is kept and readable. Free space there and "
+                            "rerun the same command to resume")
+
+  monkeypatch.setattr(kinds, "run", full)
+  assert _run([QUICKSTART, f"--workdir={tmp_path}"]) == 1
+  line = _one_error_line(capsys.readouterr().err)
+  assert line.startswith(f"error: DiskFullError: [Errno 28] no space left in {tmp_path}"), line
+  assert "1,048,576 bytes" in line and "step 4 is kept" in line

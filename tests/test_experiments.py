@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -520,6 +521,27 @@ def test_an_interrupted_sweep_ends_with_the_same_table_and_trials_run_alone(data
   assert read_status(second)["status"] == "running" and not (interrupted / "results.csv").exists()
   subprocess.run(_sweep_command(interrupted), env=env, cwd=REPO, check=True, capture_output=True)
   assert _stable_table(interrupted) == _stable_table(whole)
+
+  # Preempted (SIGTERM) during its second trial: that trial saves, no third one starts, the
+  # sweep exits 75; the same command finishes it with the uninterrupted sweep's table.
+  preempted = tmp_path / "preempted"
+  proc = subprocess.Popen(_sweep_command(preempted), env=env, cwd=REPO, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  running = preempted / "trials" / "001-plain20-s1"
+  deadline = time.time() + 300
+  while not (running / "status.json").exists() and time.time() < deadline:
+    assert proc.poll() is None
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  output, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 75, output[-3000:]
+  assert re.search(r"preempted (at step \d+|before the next trial); rerun the same command",
+                   output), output[-3000:]
+  assert read_status(running)["status"] == "running"
+  assert sorted(p.name for p in (preempted / "trials").iterdir()) == [
+      "000-plain20-s0", "001-plain20-s1"]
+  subprocess.run(_sweep_command(preempted), env=env, cwd=REPO, check=True, capture_output=True)
+  assert _stable_table(preempted) == _stable_table(whole)
 
   alone = tmp_path / "alone"
   subprocess.run(_sweep_command(alone, "--trial=1"), env=env, cwd=REPO, check=True,

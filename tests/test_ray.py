@@ -85,8 +85,11 @@ def test_a_ray_sweep_equals_the_sequential_one_row_for_row_and_runs_trials_at_on
   assert max(s for s, _ in spans) < min(e for _, e in spans), spans
 
 
-def test_a_killed_worker_is_retried_and_its_trial_resumes_to_the_same_result(
-    cluster, digits_data_dir, tmp_path):
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_a_killed_or_preempted_worker_is_retried_and_its_trial_resumes_to_the_same_result(
+    cluster, digits_data_dir, tmp_path, how):
+  """SIGKILL: the retry resumes from the last periodic checkpoint. SIGTERM (a preempted
+  node): the worker saves at its current step first, and the retry resumes from there."""
   config = _sweep_config(digits_data_dir, names=("a",), steps=60)
   kinds.run(config, tmp_path / "uninterrupted", launcher=launch.Local())
   directory = trial_dir(tmp_path / "ray", 0, Trial("a", {}))
@@ -103,7 +106,7 @@ def test_a_killed_worker_is_retried_and_its_trial_resumes_to_the_same_result(
     time.sleep(0.1)
   victim = json.loads((directory / "lease.json").read_text())["pid"]
   assert victim != os.getpid()
-  os.kill(victim, signal.SIGKILL)
+  os.kill(victim, getattr(signal, how))
   sweep.join(timeout=300)
   status = read_status(directory)
   assert status["status"] == "done"
@@ -115,6 +118,8 @@ def test_a_killed_worker_is_retried_and_its_trial_resumes_to_the_same_result(
   compiles = [m["step"] for m in metrics if m.get("split") == "compile"]
   assert len(compiles) == 2 and compiles[1] > 0, compiles
   assert [m["step"] for m in metrics if m.get("event") == "resume"] == compiles[1:]
+  preempted = [m["step"] for m in metrics if m.get("event") == "preempted"]
+  assert preempted == (compiles[1:] if how == "SIGTERM" else []), metrics
 
 
 def test_resources_no_node_has_are_refused_with_the_clusters(cluster):
@@ -143,3 +148,26 @@ def test_forced_host_devices_are_shared_out_by_cpus(monkeypatch):
   launcher.resources = {"CPU": 2.0}
   assert launcher._worker_env()["XLA_FLAGS"] == (
       "--xla_force_host_platform_device_count=2 --xla_foo=1")
+
+
+def test_a_fractional_gpu_gives_each_trials_jax_its_share_of_memory(monkeypatch):
+  """GPU=0.25 puts four trials on one GPU; each JAX must not preallocate the default 75%."""
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  launcher = launch.RayLauncher.__new__(launch.RayLauncher)
+  launcher.resources = launch.parse_resources("GPU=0.25,CPU=2")
+  assert launcher._worker_env()["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.225"
+  shares = [float(launch.gpu_memory_env(f)["XLA_PYTHON_CLIENT_MEM_FRACTION"])
+            for f in (0.25, 0.5, 0.125)]
+  assert 4 * shares[0] <= 0.9 and 2 * shares[1] <= 0.9 and 8 * shares[2] <= 0.9
+  for whole in ("GPU=1", "GPU=2", "CPU=1"):  # a whole GPU keeps JAX's default
+    launcher.resources = launch.parse_resources(whole)
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in launcher._worker_env()
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.1")  # the user's own value stands
+  assert launch.gpu_memory_env(0.25) == {}
+
+
+@pytest.mark.parametrize("text", ["GPU=1.5", "GPU=2.25,CPU=4"])
+def test_a_gpu_amount_that_is_neither_a_share_nor_whole_gpus_is_refused(text):
+  with pytest.raises(launch.LaunchError, match=r"neither a share of one GPU nor whole GPUs.*"
+                                               r"GPU=0\.25.*GPU=2"):
+    launch.parse_resources(text)

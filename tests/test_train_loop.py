@@ -31,11 +31,11 @@ TINY = {"data.image_size": 16, "data.train_crop": "pad_crop", "data.pad": 2, "da
         "fast_compile": True}
 
 
-def _worker(workdir, overrides, devices=1, process=None, wait=True, cache=None):
+def _worker(workdir, overrides, devices=1, process=None, wait=True, cache=None, env=None):
   command = [sys.executable, str(WORKER), str(workdir), json.dumps(overrides), str(devices)]
   if process is not None:
     command += [str(p) for p in process]
-  env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+  env = {**os.environ, "PYTHONPATH": str(HERE.parent), **(env or {})}
   if cache is not None:
     env["CNNJAX_TEST_CACHE"] = str(cache)
   proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -285,3 +285,133 @@ def test_config_typos_name_the_key():
   with pytest.raises(ValueError, match="config.checkpoint_every_epochs must be positive"):
     train.train_and_evaluate(config, "/nonexistent/never/created")
   assert not pathlib.Path("/nonexistent/never/created").exists()
+
+
+# Preemption (cnnjax.train.preemption): a signal saves at the current step, the rerun resumes.
+
+def _wait_for_checkpoint(proc, directory, timeout=300):
+  deadline = time.time() + timeout
+  while not _committed_steps(directory) and time.time() < deadline:
+    assert proc.poll() is None, proc.stdout.read()[-4000:]
+    time.sleep(0.01)
+
+
+@pytest.mark.parametrize("signals", [("SIGTERM",), ("SIGUSR1", "SIGINT")],
+                         ids=["sigterm", "second-signal-while-saving"])
+def test_a_preempted_run_saves_exits_75_and_its_rerun_equals_the_uninterrupted_one(
+    reference_run, tmp_path, signals):
+  """One signal: the run saves after its step and exits 75 within the grace period. A second
+  signal right behind it may end the process at once: every checkpoint left is still readable
+  and the rerun still ends exactly as the uninterrupted run."""
+  reference, overrides = reference_run
+  proc = _worker(tmp_path, overrides, wait=False)
+  _wait_for_checkpoint(proc, tmp_path / "checkpoints")
+  before = max(_committed_steps(tmp_path / "checkpoints"))
+  sent = time.time()
+  for name in signals:
+    proc.send_signal(getattr(signal, name))
+  output, _ = proc.communicate(timeout=60)
+  assert time.time() - sent < 30, "not within a preemption grace period"
+  assert proc.returncode == 75, output[-4000:]
+  assert not (tmp_path / "result-0.json").exists()
+  saved = max(_committed_steps(tmp_path / "checkpoints"))
+  if len(signals) == 1:
+    stopped = re.search(r"preempted at step (\d+); rerun the same command to resume", output)
+    assert stopped, output[-4000:]
+    assert int(stopped.group(1)) == saved and before <= saved < 40
+  from cnnjax.train import checkpoint as checkpoint_lib
+  for step in _committed_steps(tmp_path / "checkpoints"):  # nothing half-written
+    manager = checkpoint_lib.make_manager(tmp_path / "checkpoints", async_save=False)
+    assert manager.restore(step)["extra"]["step"] == step
+  _worker(tmp_path, overrides)
+  assert json.loads((tmp_path / "result-0.json").read_text())["step"] == 40
+  expected, resumed = _params(reference), _params(tmp_path)
+  assert all(np.array_equal(expected[k], resumed[k]) for k in expected)
+
+
+def test_two_processes_agree_on_the_step_to_save_when_one_is_signalled(digits_data_dir, tmp_path):
+  overrides = {**TINY, "data.data_dir": str(digits_data_dir), "num_steps": 400,
+               "eval_every_epochs": 4 / 44}
+  port = _free_port()
+  procs = [_worker(tmp_path, overrides, process=(i, 2, port), wait=False) for i in range(2)]
+  _wait_for_checkpoint(procs[0], tmp_path / "checkpoints")
+  procs[1].send_signal(signal.SIGUSR1)  # Slurm's --signal; only one process hears it
+  outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+  assert [proc.returncode for proc in procs] == [75, 75], outputs[0][-3000:] + outputs[1][-3000:]
+  steps = [int(re.search(r"preempted at step (\d+)", out).group(1)) for out in outputs]
+  assert steps[0] == steps[1] < 400
+  assert max(_committed_steps(tmp_path / "checkpoints")) == steps[0]
+
+
+def test_a_commit_that_outlives_its_timeout_in_a_suspended_process_fails_nothing(
+    reference_run, tmp_path):
+  """SIGSTOP while a checkpoint commits, for twice Orbax's (shortened) commit timeout: the
+  commit times out once the process continues; the run writes the state again and ends
+  exactly as the uninterrupted one."""
+  reference, overrides = reference_run
+  timeout, commit = 1, 0.6
+  proc = _worker(tmp_path, {**overrides, "checkpoint_timeout_seconds": timeout},
+                 env={"CNNJAX_TEST_SLOW_COMMIT_SECONDS": str(commit)}, wait=False)
+  directory = tmp_path / "checkpoints"
+  deadline = time.time() + 300
+  while proc.poll() is None and time.time() < deadline:
+    # A commit in flight (Orbax writes into <step>.orbax-checkpoint-tmp until it finishes),
+    # after the first: its synchronous part is then short, so this lands inside the commit.
+    if _committed_steps(directory) and any("tmp" in p.name for p in directory.iterdir()):
+      time.sleep(commit / 3)
+      proc.send_signal(signal.SIGSTOP)
+      time.sleep(2 * timeout)
+      proc.send_signal(signal.SIGCONT)
+      break
+    time.sleep(0.005)
+  output, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, output[-4000:]
+  assert "did not commit within Orbax's timeout" in output, output[-4000:]
+  assert json.loads((tmp_path / "result-0.json").read_text())["step"] == 40
+  expected, resumed = _params(reference), _params(tmp_path)
+  assert all(np.array_equal(expected[k], resumed[k]) for k in expected)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+  """A 32 MiB tmpfs of its own, so that filling it fills no one else's disk (needs root)."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)],
+                           capture_output=True, text=True)
+  if mounted.returncode:
+    pytest.skip(f"cannot mount a small filesystem here ({mounted.stderr.strip()}); "
+                "test_checkpoint's injected ENOSPC covers the translation")
+  try:
+    yield mount
+  finally:
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_the_rerun_resumes(reference_run,
+                                                                          small_filesystem):
+  reference, overrides = reference_run
+  overrides = {**overrides, "tensorboard": False}
+  workdir = small_filesystem / "run"
+  proc = _worker(workdir, overrides, wait=False)
+  _wait_for_checkpoint(proc, workdir / "checkpoints")
+  filler = small_filesystem / "filler"
+  with open(filler, "wb") as handle:  # everything but 16 KiB: room for log lines, not a state
+    os.posix_fallocate(handle.fileno(), 0, shutil.disk_usage(small_filesystem).free - 2**14)
+  output, _ = proc.communicate(timeout=120)
+  assert proc.returncode not in (0, 75), output[-4000:]
+  failed = re.search(r"DiskFullError: \[Errno 28\] no space left in (\S+) for the checkpoint of "
+                     r"step (\d+): it needs up to [\d.,]+ MiB \(([\d,]+) bytes, the train state\), "
+                     r"[\d.,]+ MiB are free; the checkpoint of step (\d+) is kept and readable",
+                     output)
+  assert failed, output[-4000:]
+  assert failed.group(1) == str(workdir / "checkpoints")
+  assert int(failed.group(3).replace(",", "")) > 10_000
+  kept = int(failed.group(4))
+  assert kept < int(failed.group(2)) and max(_committed_steps(workdir / "checkpoints")) == kept
+  assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
+  filler.unlink()  # space freed: the same command resumes from the kept checkpoint
+  output = _worker(workdir, overrides)
+  assert json.loads((workdir / "result-0.json").read_text())["step"] == 40
+  expected, resumed = _params(reference), _params(workdir)
+  assert all(np.array_equal(expected[k], resumed[k]) for k in expected)

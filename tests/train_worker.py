@@ -22,6 +22,29 @@ if os.environ.get("CNNJAX_TEST_CACHE"):
   jax.config.update("jax_compilation_cache_dir", os.environ["CNNJAX_TEST_CACHE"])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
+
+
+def _slow_storage(seconds: float) -> None:
+  """Every asynchronous checkpoint commit also waits for a write that takes `seconds`: storage
+  slow enough for a test to suspend the process while a commit is in flight."""
+  import concurrent.futures  # noqa: PLC0415
+  import threading  # noqa: PLC0415
+
+  from orbax.checkpoint._src.checkpointers import async_checkpointer  # noqa: PLC0415
+
+  original = async_checkpointer._background_wait_for_commit_futures
+
+  def slow(directory, commit_futures, *args, **kwargs):
+    write = concurrent.futures.Future()
+    threading.Timer(seconds, write.set_result, (None,)).start()
+    return original(directory, [*commit_futures, write], *args, **kwargs)
+
+  async_checkpointer._background_wait_for_commit_futures = slow
+
+
+if os.environ.get("CNNJAX_TEST_SLOW_COMMIT_SECONDS"):
+  _slow_storage(float(os.environ["CNNJAX_TEST_SLOW_COMMIT_SECONDS"]))
+
 from cnnjax import train  # noqa: E402
 from cnnjax.train import checkpoint as checkpoint_lib  # noqa: E402
 from cnnjax.train.config import with_overrides  # noqa: E402

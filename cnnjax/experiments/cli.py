@@ -114,9 +114,10 @@ def describe_error(error: BaseException) -> str:
 def _user_errors() -> tuple[type[BaseException], ...]:
   """What a user's config, data, workdir or training can raise: an error line, not a traceback."""
   from cnnjax import lease  # noqa: PLC0415
+  from cnnjax.train.checkpoint import DiskFullError  # noqa: PLC0415
   from cnnjax.train.loop import NonFiniteLossError  # noqa: PLC0415
 
-  return (flags.Error, KeyError, AttributeError, ValueError, FileNotFoundError,
+  return (DiskFullError, flags.Error, KeyError, AttributeError, ValueError, FileNotFoundError,
           NotADirectoryError, PermissionError, lease.WorkdirBusyError, lease.WorkdirLeaseLost,
           NonFiniteLossError)
 
@@ -136,13 +137,15 @@ def _merge(source: pathlib.Path, workdir: pathlib.Path) -> None:
 def main(argv: list[str] | None = None) -> int:
   """The command line; every error a user can cause ends in one `error:` line (exit 1 or 2).
 
-  Exit 1: the run itself failed (a NaN loss, a failed trial); 2: bad settings, data or
-  workdir, and nothing was written over. `--verbose` also prints the traceback.
+  Exit 1: the run itself failed (a NaN loss, a failed trial, a full disk); 2: bad settings,
+  data or workdir, and nothing was written over; 75: preempted by a signal after saving
+  (`cnnjax.train.preemption`), to be rerun as it was. `--verbose` also prints the traceback.
   """
   argv = list(sys.argv if argv is None else ["experiments.run", *argv])
   try:
     return _main(argv)
   except _user_errors() as error:
+    from cnnjax.train.checkpoint import DiskFullError  # noqa: PLC0415
     from cnnjax.train.loop import NonFiniteLossError  # noqa: PLC0415
 
     if "--verbose" in argv[1:]:
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     # (ConfigMismatchError, WorkdirBusyError, DatasetError, ...).
     kind = "" if isinstance(error, flags.Error) else f"{type(error).__name__}: "
     print(f"error: {kind}{describe_error(error)}", file=sys.stderr)
-    return 1 if isinstance(error, NonFiniteLossError) else 2
+    return 1 if isinstance(error, (NonFiniteLossError, DiskFullError)) else 2
 
 
 def _main(argv: list[str]) -> int:
@@ -197,7 +200,13 @@ def _main(argv: list[str]) -> int:
     launcher = launch.make(values.launcher, config.get("trial_resources", "CPU=1"),
                            values.ray_address)
     print(f"launcher {values.launcher}: {launcher.resources} per trial", flush=True)
-  outcome = kinds.run(config, workdir, values.trial, command.strip(), launcher)
+  from cnnjax.train import preemption  # noqa: PLC0415
+
+  # A preemption signal ends a trial after a synchronous save and starts no new one: the
+  # process exits with preemption.EXIT_CODE, and the same command resumes.
+  signals = config.train.save_on_signals if "train" in config else preemption.SIGNALS
+  with preemption.watch(signals):
+    outcome = kinds.run(config, workdir, values.trial, command.strip(), launcher)
   rows = outcome["rows"]
   if values.trial is not None and not any(r.get("trial") == values.trial for r in rows):
     print(f"error: --trial {values.trial} does not exist; this experiment has trials "

@@ -12,7 +12,17 @@ The trial directories on shared storage stay the contract: a task runs
 `sweep.run_trial`, which writes the trial's status, checkpoints and metrics
 under its lease (`cnnjax.lease`). A task whose worker died is retried by Ray
 (`MAX_RETRIES`) and resumes from its own checkpoints, taking over the dead
-attempt's lease. A trial that fails is recorded as in a local sweep and the
+attempt's lease; so is one whose worker was preempted (SIGTERM: it saved at
+its current step first, `cnnjax.train.preemption`). A driver that is itself
+sent a preemption signal cancels the trials still queued, asks the running
+ones to save (Ray interrupts them), waits for them up to `GRACE_SECONDS` and
+exits with the preemption exit code; rerun it to resume.
+
+A fractional GPU (`GPU=0.25`: four trials share one GPU) gives each trial's
+JAX that share of the GPU's memory, less 10% for the CUDA context and
+fragmentation (`XLA_PYTHON_CLIENT_MEM_FRACTION`, unless set already): by
+default each JAX process preallocates 75%, so a second trial on the same
+GPU would run out of memory. A trial that fails is recorded as in a local sweep and the
 others go on. The driver blocks until every submitted trial has ended,
 printing a progress line, so an experiment's stages (EfficientNet's step 2
 after step 1's winner) stay ordinary Python: each stage is one `run_sweep`.
@@ -20,6 +30,7 @@ after step 1's winner) stay ordinary Python: each stage is one `run_sweep`.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -30,6 +41,9 @@ from cnnjax import host_allocator, lease
 
 INSTALL = "pip install 'cnnjax[ray]'"
 MAX_RETRIES = 3
+GRACE_SECONDS = 25.0
+# A trial's share of a fractional GPU's memory: its fraction less this headroom.
+GPU_MEMORY_HEADROOM = 0.9
 CONNECT_TIMEOUT_SECONDS = 30.0
 _FORCED_DEVICES = re.compile(r"--xla_force_host_platform_device_count=\d+")
 
@@ -39,13 +53,17 @@ class LaunchError(ValueError):
 
 
 class Local:
-  """Trials one after another in this process."""
+  """Trials one after another in this process; after a preemption signal, no new one starts."""
 
   name = "local"
 
   def run(self, jobs: Sequence, run_one) -> list[dict]:
+    from cnnjax.train import preemption  # noqa: PLC0415
+
     records = []
     for index, trial in jobs:
+      if preemption.requested():  # the running trial saved and stopped already, or none ran
+        raise preemption.stop(None)
       print(f"[trial {index}] {trial.name}", flush=True)
       records.append(run_one(index, trial))
     return records
@@ -112,6 +130,7 @@ class RayLauncher:
   def _worker_env(self) -> dict:
     # Workers start from the raylet, not from this process: they need the allocator settings.
     env = {"PYTHONUNBUFFERED": "1", **host_allocator.child_settings()}
+    env.update(gpu_memory_env(self.resources.get("GPU", 0.0)))
     flags = os.environ.get("XLA_FLAGS", "")
     if _FORCED_DEVICES.search(flags):  # a trial sees the host devices its CPUs pay for
       devices = max(1, int(float(self.resources.get("CPU", 1))))
@@ -121,8 +140,12 @@ class RayLauncher:
 
   def run(self, jobs: Sequence, run_one) -> list[dict]:
     ray = _ray()
-    # A fresh worker per trial (max_calls=1): JAX starts clean and sees only its devices.
-    remote = ray.remote(max_calls=1, max_retries=MAX_RETRIES)(_run_in_worker)
+    from cnnjax.train import preemption  # noqa: PLC0415
+
+    # A fresh worker per trial (max_calls=1): JAX starts clean and sees only its devices. A
+    # preempted trial saved before it stopped: retried, it resumes from there.
+    remote = ray.remote(max_calls=1, max_retries=MAX_RETRIES,
+                        retry_exceptions=[TrialPreempted])(_run_in_worker)
     options = {**_task_options(self.resources),
                "runtime_env": {"env_vars": self._worker_env()}}
     # Workers share the driver's persistent compilation cache, if it has one.
@@ -135,8 +158,17 @@ class RayLauncher:
           run_one, index, trial, cache_dir)] = (index, trial)
     records: dict[int, dict] = {}
     started = time.perf_counter()
+    cancelled_at = None
     while pending:
-      ready, _ = ray.wait(list(pending), num_returns=1)
+      if preemption.requested() and cancelled_at is None:
+        print(f"{preemption.requested()}: cancelling the queued trials, letting the running ones "
+              "save", flush=True)
+        for ref in pending:
+          ray.cancel(ref, force=False)
+        cancelled_at = time.perf_counter()
+      if cancelled_at is not None and time.perf_counter() - cancelled_at > GRACE_SECONDS:
+        break
+      ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
       for ref in ready:
         index, trial = pending.pop(ref)
         try:
@@ -145,13 +177,29 @@ class RayLauncher:
           records[index] = {"index": index, "name": trial.name, "info": trial.info,
                             "overrides": trial.overrides, "status": "failed",
                             "error": f"{type(error).__name__}: {error}"[:2000]}
-      failed = sum(r.get("status") == "failed" for r in records.values())
-      print(f"trials: {len(records) - failed} done, {len(pending)} running or queued, "
-            f"{failed} failed ({time.perf_counter() - started:.0f} s)", flush=True)
+      if ready:
+        failed = sum(r.get("status") == "failed" for r in records.values())
+        print(f"trials: {len(records) - failed} done, {len(pending)} running or queued, "
+              f"{failed} failed ({time.perf_counter() - started:.0f} s)", flush=True)
+    if cancelled_at is not None:
+      raise preemption.stop(None)
     return [records[index] for index, _ in jobs]
 
 
+class TrialPreempted(RuntimeError):
+  """A trial's worker was sent a preemption signal and saved: Ray retries it (it resumes)."""
+
+
 def _run_in_worker(run_one, index, trial, cache_dir):
+  from cnnjax.train import preemption  # noqa: PLC0415
+
+  try:
+    return _run_with_cache(run_one, index, trial, cache_dir)
+  except preemption.Preempted as stopped:
+    raise TrialPreempted(f"trial {index} ({trial.name}): {stopped}") from None
+
+
+def _run_with_cache(run_one, index, trial, cache_dir):
   if cache_dir:
     import jax  # noqa: PLC0415
 
@@ -171,6 +219,14 @@ def make(name: str, resources: str = "CPU=1", address: str | None = None):
   raise LaunchError(f"unknown launcher {name!r}; choose 'local' or 'ray'")
 
 
+def gpu_memory_env(gpus: float) -> dict[str, str]:
+  """The environment that fits a trial's JAX into its share of a GPU: empty for whole GPUs."""
+  if not 0 < gpus < 1 or "XLA_PYTHON_CLIENT_MEM_FRACTION" in os.environ:
+    return {}
+  share = math.floor(1000 * gpus * GPU_MEMORY_HEADROOM) / 1000  # rounded down: trials fit
+  return {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{share:.3f}"}
+
+
 def parse_resources(text: str) -> dict[str, float]:
   """"CPU=2" or "GPU=1,CPU=4" (config.trial_resources) as a mapping of Ray resources."""
   resources = {}
@@ -183,6 +239,11 @@ def parse_resources(text: str) -> dict[str, float]:
                         f"{part!r} in {text!r} is not NAME=AMOUNT") from None
     if not name.strip() or resources[name.strip()] < 0:
       raise LaunchError(f"config.trial_resources: {part!r} needs a name and an amount >= 0")
+    gpus = resources.get("GPU")
+    if name.strip() == "GPU" and gpus > 1 and gpus != int(gpus):
+      raise LaunchError(f"config.trial_resources: GPU={amount} is neither a share of one GPU nor "
+                        "whole GPUs; use a fraction in (0, 1] (GPU=0.25: four trials per GPU) or a "
+                        "whole number (GPU=2)")
   if not resources:
     raise LaunchError(f"config.trial_resources is empty ({text!r}); e.g. 'CPU=1' or 'GPU=1'")
   return resources

@@ -93,6 +93,7 @@ def run_trial(base: ml_collections.ConfigDict, workdir: pathlib.Path, index: int
   before anything is written.
   """
   from cnnjax.train import train_and_evaluate  # noqa: PLC0415 - keeps `--list` light
+  from cnnjax.train.checkpoint import DiskFullError  # noqa: PLC0415
 
   directory = trial_dir(workdir, index, trial)
   with lease.hold(directory):
@@ -109,6 +110,8 @@ def run_trial(base: ml_collections.ConfigDict, workdir: pathlib.Path, index: int
       if measure is not None:
         record["measured"] = measure(config)
       result = train_and_evaluate(config, directory)
+    except DiskFullError:
+      raise  # every later trial would fail the same way; the trial resumes once there is space
     except Exception as error:  # noqa: BLE001 - a failing trial must not stop the sweep
       record.update(status=FAILED, error=f"{type(error).__name__}: {error}",
                     traceback=traceback.format_exc(), seconds=time.perf_counter() - start)

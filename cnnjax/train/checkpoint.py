@@ -7,10 +7,23 @@ fallback when the newest step is unreadable: `restore_latest` walks back to the
 newest readable step, warning about each bad one, and deletes nothing. Given a
 `quarantine` directory it moves the bad steps there (so that the resumed run
 can write those step numbers again) — moved, never deleted.
+
+`Checkpoints` is what a training run writes through. It survives the two
+ways a long run on shared, preemptible machines loses a save:
+- A process suspended (SIGSTOP, a paused VM, a Slurm suspend) in the middle of
+  an asynchronous commit outlives Orbax's commit timeout, which counts
+  wall-clock time: the commit fails when the process continues, though
+  nothing is wrong. That save is reported, and the next one (or, at the end,
+  `finish`'s fallback) writes the state again, so the run goes on.
+- A write that fails for lack of space raises `DiskFullError`, naming the
+  directory, the bytes the state needs and the bytes free; the unfinished
+  temporary directory is removed, and the previous checkpoint stays the newest
+  readable one for the rerun.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import pathlib
 import shutil
@@ -28,15 +41,23 @@ class NoUsableCheckpointError(RuntimeError):
   """Every checkpoint in the directory failed to restore."""
 
 
+class DiskFullError(OSError):
+  """A checkpoint could not be written for lack of space; the previous one is intact."""
+
+
 def make_manager(directory: str | pathlib.Path, max_to_keep: int = 3,
                  best_metric: str | None = None, best_mode: str = "max",
-                 async_save: bool = True) -> ocp.CheckpointManager:
+                 async_save: bool = True,
+                 commit_timeout_seconds: int | None = None) -> ocp.CheckpointManager:
+  async_options = ocp.AsyncOptions(**({"timeout_secs": commit_timeout_seconds}
+                                      if commit_timeout_seconds else {}))
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None,
       best_mode=best_mode,
       keep_checkpoints_without_metrics=True,
       enable_async_checkpointing=async_save,
+      async_options=async_options,
       create=True)
   return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
 
@@ -100,3 +121,92 @@ def _quarantine(manager: ocp.CheckpointManager, bad_steps: list[int], into: path
 
     multihost_utils.sync_global_devices("cnnjax: quarantined checkpoints")
   manager.reload()
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+  """ENOSPC, as an OSError or inside the text of TensorStore's error (Orbax raises ValueError)."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+      return True
+    text = str(error)
+    if "No space left on device" in text or "os_error_code='28'" in text:
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def state_bytes(state: Any) -> int:
+  """The bytes of every array in `state`: what a checkpoint of it needs at most (uncompressed)."""
+  return sum(int(getattr(leaf, "nbytes", 0)) for leaf in jax.tree.leaves(state))
+
+
+def _megabytes(count: int) -> str:
+  return f"{count / 2**20:,.1f} MiB"
+
+
+class Checkpoints:
+  """A run's checkpoint directory: saves that survive suspends and fail clearly on a full disk.
+
+  `save` writes asynchronously when the manager does (`wait=True`: synchronously, as a
+  preempted run must); `finish` waits for the last write. Both return whether every save so
+  far committed: False means one timed out (the process was suspended during its commit,
+  say), and the caller saves its current state again.
+  """
+
+  def __init__(self, manager: ocp.CheckpointManager):
+    self.manager = manager
+    self.directory = pathlib.Path(manager.directory)
+    # (step, bytes) of the save whose asynchronous commit may be in flight.
+    self._pending: tuple[int, int] | None = None
+
+  def save(self, step: int, state: Any, extra: dict, metrics: dict | None = None,
+           wait: bool = False) -> bool:
+    committed = self._wait()
+    if step in self.manager.all_steps():
+      return committed
+    for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+      shutil.rmtree(partial, ignore_errors=True)  # this step's commit that timed out
+    nbytes = state_bytes(state)
+    try:
+      save(self.manager, step, state, extra, metrics)
+    except Exception as error:  # noqa: BLE001 - only a full disk is translated
+      self._raise_if_disk_full(error, step, nbytes)
+      raise
+    self._pending = (step, nbytes)
+    if wait:
+      committed = self._wait() and committed
+    return committed
+
+  def finish(self) -> bool:
+    return self._wait()
+
+  def _wait(self) -> bool:
+    if self._pending is None:
+      return True
+    (step, nbytes), self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()
+    except TimeoutError as error:
+      log.warning("the checkpoint of step %s in %s did not commit within Orbax's timeout (%s); "
+                  "was the process suspended? It is written again", step, self.directory, error)
+      return False
+    except Exception as error:  # noqa: BLE001 - only a full disk is translated
+      self._raise_if_disk_full(error, step, nbytes)
+      raise
+    return True
+
+  def _raise_if_disk_full(self, error: BaseException, step: int, nbytes: int) -> None:
+    if not _is_disk_full(error):
+      return
+    for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+      shutil.rmtree(partial, ignore_errors=True)  # unfinished: give its space back
+    self.manager.reload()
+    kept = self.manager.latest_step()
+    free = _megabytes(shutil.disk_usage(self.directory).free)
+    previous = (f"the checkpoint of step {kept} is kept and readable"
+                if kept is not None else "no earlier checkpoint exists")
+    raise DiskFullError(
+        errno.ENOSPC,
+        f"no space left in {self.directory} for the checkpoint of step {step}: it needs "
+        f"up to {_megabytes(nbytes)} ({nbytes:,} bytes, the train state), {free} are free; {previous}. Free space there and rerun "
+        "the same command to resume") from error

@@ -104,6 +104,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.best_metric = config_dict.placeholder(str)  # e.g. "top1": also keep the best checkpoint
   c.async_checkpoint = True
+  # Orbax's limit on an asynchronous commit (None: its 1,200 s). It counts wall-clock time, so a
+  # process suspended mid-commit exceeds it; the run then writes that checkpoint again
+  # (cnnjax.train.checkpoint.Checkpoints).
+  c.checkpoint_timeout_seconds = config_dict.placeholder(int)
+  # These signals make a run finish its step, save, and exit with code 75 for a requeue
+  # (cnnjax.train.preemption); () leaves them to their usual handlers.
+  c.save_on_signals = ("SIGTERM", "SIGINT", "SIGUSR1")
   c.progress_bar = True
   c.tensorboard = True
   c.stop_after_steps = config_dict.placeholder(int)  # end this invocation early (resumable)
@@ -123,7 +130,7 @@ def default_config() -> ml_collections.ConfigDict:
 RESUMABLE_CHANGES = ("data.data_dir", "data.in_memory", "data.num_workers", "data.num_threads",
                      "data.prefetch", "log_every_steps", "progress_bar", "tensorboard",
                      "async_checkpoint", "stop_after_steps", "distributed", "parallelism",
-                     "checkpoint_every_epochs")
+                     "checkpoint_every_epochs", "checkpoint_timeout_seconds", "save_on_signals")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

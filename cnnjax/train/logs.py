@@ -7,7 +7,8 @@ carriage-return frames.
 Only process 0 writes; on other processes every method is a no-op. Records in
 `metrics.jsonl` are `{"step", "split", ...metrics}`; a resumed run appends a
 `{"event": "resume", "step"}` line, after which records for a step replace the
-earlier ones (see `read_metrics`).
+earlier ones (see `read_metrics`); a run stopped by a preemption signal first
+writes `{"event": "preempted", "step", "signal"}`.
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ class MetricWriter:
   def _write_line(self, record: dict) -> None:
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
+
+  def event(self, name: str, step: int, **details) -> None:
+    if self.active:
+      self._write_line({"event": name, "step": step, **details})
 
   def write(self, step: int, split: str, metrics: dict) -> None:
     if not self.active:

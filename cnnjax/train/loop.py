@@ -8,6 +8,12 @@ Starting a run in a workdir that has checkpoints resumes from the newest
 readable one: state, RNG and data position come back, and because batches
 and per-step keys are functions of the step, the resumed run computes exactly
 what an uninterrupted one does.
+
+A signal from a scheduler (SIGTERM, SIGINT, SIGUSR1: `config.save_on_signals`)
+ends a run after its current step with a checkpoint written synchronously and
+`preemption.Preempted` (exit code 75); the same command resumes it
+(`cnnjax.train.preemption`). A checkpoint that cannot be written for lack of
+space stops the run with `checkpoint.DiskFullError`, the previous one intact.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from cnnjax import fileio
 from cnnjax import lease as lease_lib
 from cnnjax.train import checkpoint as checkpoint_lib
 from cnnjax.train import config as config_lib
-from cnnjax.train import optim, step_cache, steps
+from cnnjax.train import optim, preemption, step_cache, steps
 from cnnjax.train.logs import MetricWriter
 
 log = logging.getLogger("cnnjax.train")
@@ -359,6 +365,13 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def _finish_quietly(*checkpoints) -> None:
+  """Waits for pending writes on the way out; a timed-out commit was reported already."""
+  for checkpoint in checkpoints:
+    if checkpoint is not None:
+      checkpoint.finish()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   """Trains `config.model` on `config.data.dataset`; returns the final evaluation metrics.
 
@@ -370,10 +383,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   config_lib.validate(config)
   initialize_distributed(config)
   workdir = pathlib.Path(workdir).expanduser().absolute()
-  if jax.process_index() != 0:
-    return _train_and_evaluate(config, workdir, None)
-  with lease_lib.hold(workdir) as held:
-    return _train_and_evaluate(config, workdir, held)
+  with preemption.watch(config.save_on_signals):
+    if jax.process_index() != 0:
+      return _train_and_evaluate(config, workdir, None)
+    with lease_lib.hold(workdir) as held:
+      return _train_and_evaluate(config, workdir, held)
 
 
 def evaluate_checkpoint(workdir: str | os.PathLike, which: str = "best",
@@ -437,11 +451,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   state = steps.init_state(run.model, run.tx, run.image_shape, config.seed,
                            ema=config.ema_decay > 0, loss_scale=loss_scale,
                            sharding=devices.replicated)
-  latest = checkpoint_lib.make_manager(workdir / "checkpoints", config.keep_checkpoints,
-                                       async_save=config.async_checkpoint)
-  best = (checkpoint_lib.make_manager(workdir / "best", 1, async_save=config.async_checkpoint)
-          if config.best_metric else None)
-  restored = checkpoint_lib.restore_latest(latest, checkpoint_lib.abstract_like(state),
+  def manager(name: str, keep: int):
+    return checkpoint_lib.Checkpoints(checkpoint_lib.make_manager(
+        workdir / name, keep, async_save=config.async_checkpoint,
+        commit_timeout_seconds=config.checkpoint_timeout_seconds))
+
+  latest = manager("checkpoints", config.keep_checkpoints)
+  best = manager("best", 1) if config.best_metric else None
+  restored = checkpoint_lib.restore_latest(latest.manager, checkpoint_lib.abstract_like(state),
                                            quarantine=workdir / "unreadable_checkpoints")
   data_state, best_value = None, None
   # Seconds earlier processes spent reaching the restored checkpoint: a resumed run reports
@@ -480,8 +497,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   stepping_seconds = 0.0  # time in training steps: no compile, evaluation or checkpoints
   stepping_since = None
 
-  def save(step: int, metrics: dict | None) -> None:
-    nonlocal best_value
+  def save(step: int, metrics: dict | None, wait: bool = False) -> None:
+    nonlocal best_value, saved_step
     if held is not None:
       held.check()  # another process took the workdir over: write nothing more
     canonical = devices.from_steps(step_state)
@@ -497,10 +514,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
       lower_is_better = config.best_metric == "loss"
       if best_value is None or (value < best_value if lower_is_better else value > best_value):
         best_value = value
-        checkpoint_lib.save(best, step, canonical, {**extra, "best_value": best_value}, metrics)
-    checkpoint_lib.save(latest, step, canonical, {**extra, "best_value": best_value})
+        best.save(step, canonical, {**extra, "best_value": best_value}, metrics, wait=wait)
+    if not latest.save(step, canonical, {**extra, "best_value": best_value}, wait=wait):
+      # An earlier save did not commit (a suspended process); this one stands in for it.
+      log.warning("checkpoint of step %d written in place of the one that timed out", step)
+    saved_step = step
 
   current_data_state = data_state
+  saved_step = None
   try:
     step = start_step
     if step < stop_at:
@@ -534,15 +555,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
           save(step, None)
           writer.reset_timer(step)
           stepping_since = time.perf_counter()
+        if step < stop_at and preemption.should_save(step):
+          if saved_step != step or not latest.finish():
+            save(step, None, wait=True)
+          writer.event("preempted", step, signal=preemption.requested())
+          raise preemption.stop(step)
         if step >= stop_at:
           break
     if not eval_metrics:  # nothing left to train: evaluate what the workdir holds
       eval_metrics = _evaluate(devices, step_state, run, config)
       writer.write(step, "eval", eval_metrics)
+    if not latest.finish() and saved_step is not None:
+      save(saved_step, None, wait=True)  # the last commit timed out: the state is still here
   finally:
-    latest.wait_until_finished()
-    if best is not None:
-      best.wait_until_finished()
+    _finish_quietly(latest, best)
     writer.close()
   train_seconds = seconds_before + time.perf_counter() - start_time
   result = {"step": step, "total_steps": run.total_steps, "devices": jax.device_count(),
