@@ -36,7 +36,8 @@ $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install 'torch>=2.4' 'torchvision>=0.19'
 	touch $(BENCH_STAMP)
 
-# Every pretrained-weight layout at full size against torchvision and timm (tests/test_weights_torch.py).
+# Every pretrained-weight layout at full size against torchvision and timm (tests/test_weights_torch.py),
+# and training parity with them (tests/test_training_parity_torch.py).
 TORCH_STAMP := $(VENV)/.torch-tests-installed
 
 $(TORCH_STAMP): $(BENCH_STAMP)
@@ -44,7 +45,7 @@ $(TORCH_STAMP): $(BENCH_STAMP)
 	touch $(TORCH_STAMP)
 
 test-torch: $(TORCH_STAMP)
-	$(WITHOUT_ALLOCATOR) $(BIN)/python -m pytest -n 2 -q -m torch tests/test_weights_torch.py
+	$(WITHOUT_ALLOCATOR) $(BIN)/python -m pytest -n 2 -q -m torch tests/test_weights_torch.py tests/test_training_parity_torch.py
 
 bench: $(BENCH_STAMP)
 	$(WITH_ALLOCATOR) $(BIN)/python -m benchmarks.train_step $(ARGS)

@@ -31,7 +31,8 @@ def _variables(features, seed=1):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_same_variables_outputs_and_running_statistics_as_flax(dtype):
   x = _input((4, 5, 6, 8)).astype(dtype)
-  ours, theirs = BatchNorm(dtype=dtype, **SETTINGS), nn.BatchNorm(dtype=dtype, **SETTINGS)
+  ours = BatchNorm(dtype=dtype, unbiased_running_var=False, **SETTINGS)
+  theirs = nn.BatchNorm(dtype=dtype, **SETTINGS)
   init_ours = ours.init(jax.random.key(0), x, use_running_average=False)
   init_theirs = theirs.init(jax.random.key(0), x, use_running_average=False)
   assert jax.tree.map(lambda a: (a.shape, a.dtype), init_ours) == \
@@ -55,6 +56,20 @@ def _loss(module, variables, x, weights):
   """A loss that weighs every output element differently, through a ReLU as in the models."""
   y = module.apply(variables, x, use_running_average=False, mutable=["batch_stats"])[0]
   return jnp.sum(jax.nn.relu(y) * weights)
+
+
+def test_the_running_variance_averages_the_unbiased_batch_variance_as_pytorch():
+  """PyTorch: running_var = (1 - m) running_var + m * var(x, unbiased); cnnjax's momentum is
+  1 - m. Computed here independently with numpy."""
+  x = _input((3, 2, 2, 5))
+  module = BatchNorm(momentum=0.9, epsilon=1e-5)
+  variables = module.init(jax.random.key(0), x, use_running_average=False)
+  _, state = module.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+  flat = np.asarray(x, np.float64).reshape(-1, 5)
+  np.testing.assert_allclose(state["batch_stats"]["var"], 0.9 + 0.1 * flat.var(0, ddof=1),
+                             rtol=1e-5)
+  np.testing.assert_allclose(state["batch_stats"]["mean"], 0.1 * flat.mean(0), rtol=1e-5,
+                             atol=1e-7)
 
 
 @pytest.mark.parametrize("shape", [(8, 6, 6, 16), (2, 3, 3, 5), (64, 7)])

@@ -111,7 +111,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
                   label_smoothing: float = 0.0) -> jax.Array:
   """Per-example softmax cross-entropy against smoothed one-hot targets."""
   targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  # bfloat16 and float16 logits are upcast; float64 ones (parity checks) stay float64.
+  return optax.softmax_cross_entropy(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)),
+                                     targets)
 
 
 def _split_outputs(outputs):
