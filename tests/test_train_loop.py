@@ -323,6 +323,8 @@ def test_a_preempted_run_saves_exits_75_and_its_rerun_equals_the_uninterrupted_o
   for step in _committed_steps(tmp_path / "checkpoints"):  # nothing half-written
     manager = checkpoint_lib.make_manager(tmp_path / "checkpoints", async_save=False)
     assert manager.restore(step)["extra"]["step"] == step
+  if len(signals) > 1:
+    return  # the rerun from a readable checkpoint is the one-signal case's
   _worker(tmp_path, overrides)
   assert json.loads((tmp_path / "result-0.json").read_text())["step"] == 40
   expected, resumed = _params(reference), _params(tmp_path)
