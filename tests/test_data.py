@@ -3,6 +3,8 @@
 import gzip
 import json
 import os
+import pathlib
+import re
 import tempfile
 import time
 from unittest import mock
@@ -157,6 +159,79 @@ def test_an_image_folder_becomes_a_dataset(tmp_path):
   source = data.data_source(name, "test", tmp_path / "tfds")
   labels = sorted(int(source[i]["label"]) for i in range(len(source)))
   assert labels == [0, 0, 1, 1] and source[0]["image"].shape[-1] == 3
+
+
+def _photo_folder(root, per_class=3, extra_bytes=None):
+  """Real photos shipped by matplotlib and scikit-learn, cropped, saved as JPEG (quality 90)."""
+  import matplotlib
+  import sklearn
+  from PIL import Image
+
+  photos = [pathlib.Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg",
+            pathlib.Path(sklearn.__file__).parent / "datasets" / "images" / "china.jpg",
+            pathlib.Path(sklearn.__file__).parent / "datasets" / "images" / "flower.jpg"]
+  for label, photo in enumerate(photos):
+    (root / f"class{label}").mkdir(parents=True)
+    with Image.open(photo) as image:
+      image = image.convert("RGB")
+      for i in range(per_class):
+        image.crop((20 * i, 10 * i, 20 * i + 400, 10 * i + 333)).save(
+            root / f"class{label}" / f"{i}.jpg", quality=90)
+  return sorted(root.rglob("*.jpg"))
+
+
+def test_a_folder_of_jpegs_is_stored_as_the_files_bytes(tmp_path):
+  files = _photo_folder(tmp_path / "photos")
+  name = f"folder:{tmp_path / 'photos'}"
+  data.prepare(name, tmp_path / "tfds", progress=False)
+  source = data.data_source(name, "train", tmp_path / "tfds")
+  stored = sorted(e["image"] for e in source.read_encoded(range(len(source))))
+  assert stored == sorted(f.read_bytes() for f in files)  # no re-encoding
+  assert source[0]["image"].shape == (333, 400, 3) and source[0]["image"].dtype == np.uint8
+  # array_record adds a few bytes a record and pads its blocks: two 64 KiB blocks at most here
+  # (60 such photos: 1.053x the folder; the 600-photo benchmark folder: benchmarks/).
+  records = sum(p.stat().st_size for p in (tmp_path / "tfds").rglob("*.array_record*"))
+  assert records <= 1.01 * sum(f.stat().st_size for f in files) + 2 * 2**16
+
+
+def test_a_corrupt_image_is_named_at_preparation_and_nothing_is_written(tmp_path):
+  files = _photo_folder(tmp_path / "photos", per_class=1)
+  truncated = files[1].parent / "cut.jpg"
+  truncated.write_bytes(files[1].read_bytes()[:5000])
+  with pytest.raises(ValueError,
+                     match=rf"{re.escape(str(truncated))} is not a readable image .*truncated.*"
+                           r"remove or replace it"):
+    data.prepare(f"folder:{tmp_path / 'photos'}", tmp_path / "tfds", progress=False)
+  assert [p for p in (tmp_path / "tfds").rglob("*") if p.is_file()] == []
+
+
+def test_a_jpeg_crop_decodes_at_reduced_size_and_matches_the_full_decode():
+  """The crop decoded via the DCT scale is smaller than the full-size crop, and resized to
+  the target it differs from the full-size crop resized only by resampling."""
+  import io
+
+  import matplotlib
+  from PIL import Image
+
+  from cnnjax.data import encoded, preprocess
+
+  photo = pathlib.Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+  jpeg = photo.read_bytes()
+  with Image.open(io.BytesIO(jpeg)) as image:
+    full = np.asarray(image.convert("RGB"))
+  assert encoded.size_of(jpeg) == full.shape[:2]
+  box = (40, 60, 400, 360)  # top, left, height, width
+  reduced = encoded.decode(jpeg, 3, crop=box, target=(96, 96))
+  assert reduced.shape[0] < 400 and reduced.shape[0] >= 96  # 1/2 or 1/4 scale, never below
+  fast = preprocess.resize(reduced, (96, 96))
+  exact = preprocess.resize(full[40:440, 60:420], (96, 96))
+  assert np.abs(fast.astype(int) - exact.astype(int)).mean() < 3.0
+  # The whole training transform from bytes: the same draws as from the decoded image.
+  pre = data.Preprocessing(image_size=96, flip=True)
+  from_bytes = pre.train_encoded(jpeg, np.random.default_rng(3))
+  from_array = pre.train(full, np.random.default_rng(3))
+  assert from_bytes.shape == from_array.shape == (96, 96, 3)
+  assert np.abs(from_bytes - from_array).mean() < 0.1  # normalised units: a few levels of 255
 
 
 def test_preparing_leaves_nothing_in_the_temp_directory(tmp_path, monkeypatch):

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from cnnjax.data import encoded
+
 DATA_DIR_ENV = "CNNJAX_DATA_DIR"
 FOLDER_PREFIX = "folder:"
 
@@ -226,9 +228,11 @@ def data_source(name: str, split: str, data_dir: str | os.PathLike | None = None
   memory (fine for CIFAR-sized data); it needs TensorFlow (`pip install
   'cnnjax[tf]'`). Both give the same examples in the same order.
 
-  `in_memory=True` decodes the split once and serves the decoded arrays
-  (`hold_in_memory`): the same examples, without decoding a PNG per image and
-  epoch, for splits of fixed-size images that fit in memory.
+  The grain backend reads the stored image bytes (`cnnjax.data.encoded`):
+  `source[i]` decodes them, and the training pipeline decodes only each crop, a
+  JPEG at reduced size. `in_memory=True` decodes the split once and serves the
+  decoded arrays (`hold_in_memory`): the same examples, without decoding an
+  image per epoch, for splits of fixed-size images that fit in memory.
   """
   if backend not in BACKENDS:
     raise DatasetError(f"data backend must be one of {BACKENDS}, got {backend!r}")
@@ -238,9 +242,18 @@ def data_source(name: str, split: str, data_dir: str | os.PathLike | None = None
   available = list(dataset_builder.info.splits.keys())
   if available and split.split("[")[0] not in available:
     raise DatasetError(f"dataset {name!r} has no split {split!r}; it has {available}")
-  source = dataset_builder.as_data_source(split=split)
+  image_shape = tuple(dataset_builder.info.features["image"].shape)
+  # The stored bytes, decoded by cnnjax: only the crop a step uses, at reduced size for JPEG.
+  raw = dataset_builder.as_data_source(split=split,
+                                       decoders={"image": _tfds().decode.SkipDecoding()})
+  try:
+    if len(raw):
+      raw[0]
+  except ImportError:  # tfds.testing.mock_data encodes its random images with TensorFlow
+    source = dataset_builder.as_data_source(split=split)
+  else:
+    source = encoded.DecodingSource(raw, channels=image_shape[-1] or 3)
   if in_memory:
-    image_shape = tuple(dataset_builder.info.features["image"].shape)
     return hold_in_memory(source, image_shape, f"{name}[{split}]")
   return source
 

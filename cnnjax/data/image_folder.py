@@ -2,10 +2,16 @@
 
 Layout: `root/<split>/<class>/<image>` (splits such as train/test), or
 `root/<class>/<image>` for a single `train` split. Classes are the sorted
-union of class folder names. Images are stored as RGB PNG at their own size.
+union of class folder names. Each image is stored as its file's bytes, as
+they are: a JPEG stays that JPEG (no re-encoding; `cnnjax.data.encoded`
+decodes it, only the crop a step needs and at reduced size), so preparing
+indexes and copies, and the prepared copy is about the folder's size. Every
+file is decoded once first (at 1/8 scale for JPEG): a corrupt or truncated
+image stops the preparation with its path, before anything is written.
 The prepared copy lives under `data_dir/cnnjax_image_folder/<name>-<hash>/`,
 keyed by the folder's absolute path; it is never overwritten — move it aside
-to prepare a changed folder again.
+to prepare a changed folder again. Version 1.0.0 stored PNG re-encodings; a
+folder prepared so stays where it is, and 2.0.0 is prepared beside it.
 """
 
 from __future__ import annotations
@@ -13,12 +19,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import io
 import pathlib
 import re
 
 import tensorflow_datasets as tfds
 
+from cnnjax.data import encoded
 from cnnjax.data.builders import Offline
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -57,7 +63,9 @@ class ImageFolderConfig(tfds.core.BuilderConfig):
 class CnnjaxImageFolder(Offline, tfds.core.GeneratorBasedBuilder):
   """Images in class subfolders."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {"2.0.0": "the files' own bytes, not PNG re-encodings",
+                   "1.0.0": "PNG re-encodings"}
 
   @functools.cached_property
   def _scanned(self):
@@ -68,23 +76,22 @@ class CnnjaxImageFolder(Offline, tfds.core.GeneratorBasedBuilder):
     return self.dataset_info_from_configs(
         description=f"images from {self.builder_config.root}",
         features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+            # No encoding format: the files' own (JPEG, PNG, ...), stored as they are.
+            "image": tfds.features.Image(shape=(None, None, 3)),
             "label": tfds.features.ClassLabel(names=classes)}),
         supervised_keys=("image", "label"))
 
   def _split_generators(self, dl_manager):
     examples, classes = self._scanned
+    for items in examples.values():  # all of them before the first write
+      for path, _ in items:
+        encoded.verify(path.read_bytes(), str(path))
     index = {name: i for i, name in enumerate(classes)}
     return {split: self._generate_examples(items, index) for split, items in examples.items()}
 
   def _generate_examples(self, items, index):
-    from PIL import Image  # noqa: PLC0415
-
     for path, class_name in items:
-      buffer = io.BytesIO()
-      with Image.open(path) as image:
-        image.convert("RGB").save(buffer, format="PNG")
-      yield str(path), {"image": buffer.getvalue(), "label": index[class_name]}
+      yield str(path), {"image": path.read_bytes(), "label": index[class_name]}
 
 
 def config_name(root: pathlib.Path) -> str:

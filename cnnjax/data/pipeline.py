@@ -88,10 +88,15 @@ class TrainBatches:
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     epoch, positions = self.positions(step)
     order = self.epoch_order(epoch)
-    examples = read_examples(self.source, order[positions])
-    images = [self.preprocessing.train(np.asarray(e["image"]),
-                                       np.random.default_rng([self.seed, epoch, int(p), 1]))
-              for e, p in zip(examples, positions)]
+    rngs = [np.random.default_rng([self.seed, epoch, int(p), 1]) for p in positions]
+    if hasattr(self.source, "read_encoded"):  # decode only each crop (cnnjax.data.encoded)
+      examples = self.source.read_encoded(order[positions])
+      images = [self.preprocessing.train_encoded(e["image"], rng)
+                for e, rng in zip(examples, rngs)]
+    else:
+      examples = read_examples(self.source, order[positions])
+      images = [self.preprocessing.train(np.asarray(e["image"]), rng)
+                for e, rng in zip(examples, rngs)]
     batch = _stack(examples, images)
     batch["index"] = order[positions].astype(np.int64)  # source rows: for tests and debugging
     return batch
@@ -113,8 +118,12 @@ class EvalBatches:
     positions = np.arange(index * self.global_batch, (index + 1) * self.global_batch)[self.rows]
     real = positions < self.size
     rows = np.where(real, positions, 0)
-    examples = read_examples(self.source, rows)
-    images = [self.preprocessing.eval(np.asarray(e["image"])) for e in examples]
+    if hasattr(self.source, "read_encoded"):
+      examples = self.source.read_encoded(rows)
+      images = [self.preprocessing.eval_encoded(e["image"]) for e in examples]
+    else:
+      examples = read_examples(self.source, rows)
+      images = [self.preprocessing.eval(np.asarray(e["image"])) for e in examples]
     batch = _stack(examples, images)
     batch["mask"] = real.astype(np.float32)
     batch["label"] = np.where(real, batch["label"], 0).astype(np.int32)

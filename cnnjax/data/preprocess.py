@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from cnnjax.data import encoded as encoded_lib
+
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
                   "nearest": Image.Resampling.NEAREST}
 TRAIN_CROPS = ("random_resized", "pad_crop", "resize")
@@ -38,12 +40,12 @@ def resize(image: np.ndarray, size: tuple[int, int], interpolation: str = "bilin
   return _array(_pil(image).resize((size[1], size[0]), method), image.shape[-1])
 
 
-def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
-                        scale: tuple[float, float] = (0.08, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                        interpolation: str = "bilinear") -> np.ndarray:
-  """Inception-style crop: area fraction in `scale`, aspect in `ratio`, then resize."""
-  height, width = image.shape[:2]
+def sample_crop(height: int, width: int, rng: np.random.Generator,
+                scale: tuple[float, float] = (0.08, 1.0),
+                ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+  """An Inception-style crop box (top, left, height, width): area fraction in `scale`, aspect in
+  `ratio`, torchvision's ten tries and central fallback. Needs only the image's size, so an
+  encoded image is decoded after the box is known (`cnnjax.data.encoded.decode`)."""
   area = height * width
   log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
   for _ in range(10):
@@ -54,7 +56,7 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
     if 0 < w <= width and 0 < h <= height:
       top = int(rng.integers(0, height - h + 1))
       left = int(rng.integers(0, width - w + 1))
-      return resize(image[top:top + h, left:left + w], (size, size), interpolation)
+      return top, left, h, w
   # Fallback (as torchvision): the central crop with the aspect clamped into `ratio`.
   in_ratio = width / height
   if in_ratio < ratio[0]:
@@ -63,7 +65,15 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
     h, w = height, int(round(height * ratio[1]))
   else:
     w, h = width, height
-  top, left = (height - h) // 2, (width - w) // 2
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
+                        scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                        interpolation: str = "bilinear") -> np.ndarray:
+  """Inception-style crop: area fraction in `scale`, aspect in `ratio`, then resize."""
+  top, left, h, w = sample_crop(image.shape[0], image.shape[1], rng, scale, ratio)
   return resize(image[top:top + h, left:left + w], (size, size), interpolation)
 
 
@@ -204,11 +214,39 @@ class Preprocessing:
       image = pad_and_crop(image, rng, size, self.pad, self.interpolation)
     else:
       image = resize(image, (size, size), self.interpolation)
+    return self._after_crop(image, rng)
+
+  def train_encoded(self, encoded: bytes, rng: np.random.Generator) -> np.ndarray:
+    """`train` from an encoded image, decoding only the crop at the smallest DCT scale that
+    keeps it at least `image_size` (JPEG): the same random draws as `train` on the decoded
+    image, the crop decoded at reduced size rather than resized from the full one."""
+    size = self.image_size
+    if self.train_crop != "random_resized":
+      target = (size, size) if self.train_crop == "resize" else None
+      return self.train(encoded_lib.decode(encoded, self.channels, target=target), rng)
+    height, width = encoded_lib.size_of(encoded)
+    box = sample_crop(height, width, rng, self.crop_scale)
+    image = encoded_lib.decode(encoded, self.channels, crop=box, target=(size, size))
+    return self._after_crop(resize(image, (size, size), self.interpolation), rng)
+
+  def _after_crop(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if self.flip and rng.random() < 0.5:
       image = image[:, ::-1]
     if self.rand_augment is not None:
       image = rand_augment(np.ascontiguousarray(image), rng, *self.rand_augment)
     return self._finish(image)
+
+  def eval_encoded(self, encoded: bytes) -> np.ndarray:
+    """`eval` from an encoded image, decoded at the smallest DCT scale that still covers the
+    resize `eval` makes (the centre crop's shorter side, or the whole image's)."""
+    height, width = encoded_lib.size_of(encoded)
+    if self.train_crop == "random_resized":
+      short = max(self.image_size, int(math.floor(self.image_size / self.crop_fraction + 0.5)))
+      target = (round(height * short / min(height, width)), round(width * short / min(height, width)))
+    else:
+      target = (self.image_size, self.image_size)
+    # decode's target bounds the whole image here: no crop box, the full frame at >= target.
+    return self.eval(encoded_lib.decode(encoded, self.channels, target=target))
 
   def eval(self, image: np.ndarray) -> np.ndarray:
     if self.train_crop == "random_resized":
