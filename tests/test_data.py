@@ -520,3 +520,33 @@ def test_worker_processes_deliver_the_same_batches():
   for a, b in zip(in_process, with_workers):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_uint8_batches_normalised_in_the_step_equal_the_hosts_float32():
+  """The loop sends uint8 (a quarter of the bytes) and normalises on the device."""
+  from cnnjax.train import steps
+
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (4, 20, 20, 3), dtype=np.uint8)
+  settings = dict(image_size=16, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+  host = data.Preprocessing(**settings)
+  device = data.Preprocessing(**settings, output="uint8")
+  on_host = np.stack([host.train(im, np.random.default_rng(i)) for i, im in enumerate(images)])
+  sent = np.stack([device.train(im, np.random.default_rng(i)) for i, im in enumerate(images)])
+  assert sent.dtype == np.uint8 and on_host.dtype == np.float32
+  normalised = np.asarray(steps.normalize(sent, (settings["mean"], settings["std"])))
+  np.testing.assert_allclose(normalised, on_host, rtol=1e-6, atol=1e-6)
+  assert steps.normalize(on_host, (settings["mean"], settings["std"])) is on_host
+  with pytest.raises(ValueError, match=r"output must be one of \('float32', 'uint8'\)"):
+    data.Preprocessing(image_size=16, output="float16")
+
+
+def test_the_worker_default_is_decided_per_platform(monkeypatch):
+  from cnnjax.data import pipeline
+
+  monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+  assert data.default_workers(None, "gpu") == data.default_workers(None, "tpu") == 6
+  assert data.default_workers(None, "cpu") == 0  # the step needs the cores
+  assert data.default_workers(3, "gpu") == 3 and data.default_workers(0, "gpu") == 0
+  with pytest.raises(ValueError, match=r"num_workers must be >= 0 .*got -1"):
+    data.default_workers(-1)

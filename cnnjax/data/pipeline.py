@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -144,6 +145,23 @@ def _dataset(start: int, stop: int, make, num_workers: int, num_threads: int,
       flags.FLAGS.mark_as_parsed()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return dataset
+
+
+def default_workers(requested: int | None, platform: str | None = None) -> int:
+  """`requested`, or for None the platform's default: every usable core on an accelerator
+  (the host pipeline bounds training there), 0 on the CPU (the step needs the cores)."""
+  if requested is not None:
+    if requested < 0:
+      raise ValueError(f"config.data.num_workers must be >= 0 (or None for the platform's "
+                       f"default), got {requested}")
+    return requested
+  platform = platform or jax.default_backend()
+  if platform == "cpu":
+    return 0
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
 
 
 def train_iterator(batches: TrainBatches, num_steps: int, num_workers: int = 0,

@@ -21,6 +21,7 @@ from cnnjax.data import encoded as encoded_lib
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
                   "nearest": Image.Resampling.NEAREST}
 TRAIN_CROPS = ("random_resized", "pad_crop", "resize")
+OUTPUTS = ("float32", "uint8")
 
 
 def _pil(image: np.ndarray) -> Image.Image:
@@ -174,6 +175,10 @@ class Preprocessing:
   flip: bool = True
   rand_augment: tuple[int, float] | None = None
   crop_fraction: float = 0.875
+  # "float32": normalised here. "uint8": the host stops after cropping and augmenting and the
+  # batch leaves it as uint8, a quarter of the bytes; the training step normalises it with the
+  # same mean and std (`cnnjax.train.steps.normalize`).
+  output: str = "float32"
 
   def __post_init__(self):
     if self.image_size < 1:
@@ -185,12 +190,16 @@ class Preprocessing:
                        f"got {self.interpolation!r}")
     if len(self.mean) != len(self.std):
       raise ValueError("mean and std need one value per channel")
+    if self.output not in OUTPUTS:
+      raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
 
   def _finish(self, image: np.ndarray) -> np.ndarray:
     if image.shape[-1] == 1 and self.channels == 3:
       image = np.repeat(image, 3, axis=-1)
     elif image.shape[-1] == 3 and self.channels == 1:
       image = np.round(image @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)[..., None]
+    if self.output == "uint8":
+      return np.ascontiguousarray(image, np.uint8)
     mean = np.asarray(self.mean, np.float32)[: image.shape[-1]]
     std = np.asarray(self.std, np.float32)[: image.shape[-1]]
     if len(self.mean) != image.shape[-1]:

@@ -46,7 +46,11 @@ def default_config() -> ml_collections.ConfigDict:
   # Decode the splits once and hold them (fixed-size images that fit in memory): decoding
   # a PNG per image and epoch is half the pipeline's time on small images.
   c.data.in_memory = False
-  c.data.num_workers = 0  # grain worker processes; 0 reads in the training process
+  # grain worker processes; 0 reads in the training process. None: decided per platform
+  # (`cnnjax.data.default_workers`): on an accelerator one per CPU core the process may use,
+  # since the host's input pipeline, not the step, bounds it there; on the CPU 0, since the
+  # step itself needs those cores.
+  c.data.num_workers = config_dict.placeholder(int)
   c.data.num_threads = 1
   c.data.prefetch = 2
 

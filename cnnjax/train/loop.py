@@ -189,7 +189,8 @@ def build(config: ml_collections.ConfigDict) -> _Run:
       pad=config.data.pad, flip=config.data.flip,
       rand_augment=((config.data.rand_augment_ops, config.data.rand_augment_magnitude)
                     if config.data.rand_augment_ops else None),
-      crop_fraction=config.data.crop_fraction or info.crop_fraction)
+      crop_fraction=config.data.crop_fraction or info.crop_fraction,
+      output="uint8")  # a quarter of the bytes to the device; the step normalises
   sharding = data_lib.Sharding.from_jax()
   if config.batch_size % jax.device_count():
     raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the number of "
@@ -230,7 +231,8 @@ def build(config: ml_collections.ConfigDict) -> _Run:
   step_config = steps.StepConfig(label_smoothing=config.label_smoothing,
                                  aux_loss_weight=config.aux_loss_weight,
                                  weight_decay_mode=o.weight_decay_mode, ema_decay=config.ema_decay,
-                                 ghost_batch_norm=config.ghost_batch_norm, trainable=trainable)
+                                 ghost_batch_norm=config.ghost_batch_norm, trainable=trainable,
+                                 normalization=(preprocessing.mean, preprocessing.std))
   image_shape = (image_size, image_size, channels)
   # The steps close over the model, optimizer and schedule: all of them come from the
   # config and these numbers derived from the dataset. Keys that only change how the run
@@ -333,7 +335,8 @@ class _Devices:
 
 
 def _evaluate(devices: _Devices, state, run: _Run, config) -> dict[str, float]:
-  iterator = data_lib.eval_iterator(run.eval_batches, config.data.num_workers,
+  iterator = data_lib.eval_iterator(run.eval_batches, data_lib.default_workers(
+                                        config.data.num_workers),
                                     config.data.num_threads, config.data.prefetch)
   totals = None
   for batch, _ in devices.batches(iterator, config.data.prefetch):
@@ -458,6 +461,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
 
   latest = manager("checkpoints", config.keep_checkpoints)
   best = manager("best", 1) if config.best_metric else None
+  workers = data_lib.default_workers(config.data.num_workers)
   restored = checkpoint_lib.restore_latest(latest.manager, checkpoint_lib.abstract_like(state),
                                            quarantine=workdir / "unreadable_checkpoints")
   data_state, best_value = None, None
@@ -468,7 +472,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     step, state, extra = restored
     data_state, best_value = extra.get("data_state"), extra.get("best_value")
     seconds_before = float(extra.get("train_seconds", 0.0))
-    if extra.get("config", {}).get("data.num_workers") != config.data.num_workers:
+    if extra.get("data_workers", extra.get("config", {}).get("data.num_workers")) != workers:
       data_state = None  # grain's state has another form with other workers: resume by step
     log.info("resumed from step %d in %s", step, workdir)
   elif config.init_from:
@@ -479,12 +483,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                         tensorboard=config.tensorboard, progress_bar=config.progress_bar)
   if data_state is not None:
     iterator = data_lib.train_iterator(run.train_batches, run.total_steps,
-                                       config.data.num_workers, config.data.num_threads,
+                                       workers, config.data.num_threads,
                                        config.data.prefetch)
     iterator.set_state(data_state)
   else:
     iterator = data_lib.train_iterator(run.train_batches, run.total_steps,
-                                       config.data.num_workers, config.data.num_threads,
+                                       workers, config.data.num_threads,
                                        config.data.prefetch, start_step=start_step)
   stop_at = min(run.total_steps, config.stop_after_steps or run.total_steps)
   step_state = devices.to_steps(state)
@@ -508,6 +512,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
           "them, the last checkpoint before it is kept. Lower the learning rate, add warmup or "
           "gradient clipping (config.optimizer.clip_norm), or train in float32.")
     extra = {"step": step, "data_state": current_data_state, "config": _flat(config),
+             "data_workers": workers,
              "train_seconds": seconds_before + time.perf_counter() - start_time}
     if best is not None and metrics and config.best_metric in metrics:
       value = metrics[config.best_metric]

@@ -60,6 +60,17 @@ class StepConfig:
   # The parameter paths that train, when only some do (config.freeze_body); the others stay
   # as they are and their part of the network runs in inference mode.
   trainable: tuple[tuple[str, ...], ...] | None = None
+  # (mean, std) per channel, on the 0..1 scale: uint8 batches are normalised in the step.
+  normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+
+def normalize(images: jax.Array, normalization) -> jax.Array:
+  """uint8 images as the host pipeline would have normalised them: (x / 255 - mean) / std in
+  float32. Other dtypes (already normalised on the host) pass through."""
+  if normalization is None or images.dtype != jnp.uint8:
+    return images
+  mean, std = (jnp.asarray(v, jnp.float32)[: images.shape[-1]] for v in normalization)
+  return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
 def _trainable_only(tree, trainable):
@@ -127,7 +138,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
                axis_name: str | None = None) -> tuple[TrainState, dict]:
   """One update. With `axis_name` (pmap) gradients and metrics are averaged across it."""
   rng = jax.random.fold_in(state.rng, state.step)
-  images, labels = batch["image"], batch["label"]
+  images, labels = normalize(batch["image"], config.normalization), batch["label"]
   weight_decay = state.opt_state.hyperparams["weight_decay"]
 
   # A frozen body runs in inference mode: its BatchNorm statistics stay as loaded.
@@ -190,11 +201,12 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
 
 
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module, use_ema: bool = False,
-              axis_name: str | None = None) -> dict:
+              axis_name: str | None = None, normalization=None) -> dict:
   """Sums over the real examples of a padded batch (`mask` is 0 on padding)."""
   params = state.ema_params if use_ema else state.params
   batch_stats = state.ema_batch_stats if use_ema else state.batch_stats
-  logits = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"], train=False)
+  logits = model.apply({"params": params, "batch_stats": batch_stats},
+                       normalize(batch["image"], normalization), train=False)
   labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
   loss = cross_entropy(logits, labels, logits.shape[-1])
   top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
@@ -233,7 +245,8 @@ def jit_steps(model: nn.Module, tx: optax.GradientTransformation, config: StepCo
   options = compiler_options(mesh) if xla_options is None else xla_options
   train = jax.jit(step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
                   donate_argnums=0, compiler_options=options)
-  evaluate = jax.jit(functools.partial(eval_step, model=model, use_ema=config.ema_decay > 0),
+  evaluate = jax.jit(functools.partial(eval_step, model=model, use_ema=config.ema_decay > 0,
+                                       normalization=config.normalization),
                      in_shardings=(replicated, sharded), out_shardings=replicated,
                      compiler_options=options)
   return train, evaluate
@@ -260,5 +273,6 @@ def pmap_steps(model: nn.Module, tx: optax.GradientTransformation,
   train = jax.pmap(functools.partial(train_step, model=model, tx=tx, config=config,
                                      axis_name=DATA_AXIS), axis_name=DATA_AXIS, donate_argnums=0)
   evaluate = jax.pmap(functools.partial(eval_step, model=model, use_ema=config.ema_decay > 0,
-                                        axis_name=DATA_AXIS), axis_name=DATA_AXIS)
+                                        axis_name=DATA_AXIS, normalization=config.normalization),
+                      axis_name=DATA_AXIS)
   return train, evaluate
