@@ -503,21 +503,28 @@ def _stable_table(workdir):
   return [{k: v for k, v in row.items() if k != "train_seconds"} for row in _rows(workdir)]
 
 
+def _signal_during_second_trial(workdir, env, signum):
+  """The smoke sweep in a process sent `signum` once its second trial has started."""
+  proc = subprocess.Popen(_sweep_command(workdir), env=env, cwd=REPO, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  second = workdir / "trials" / "001-plain20-s1"
+  deadline = time.time() + 300
+  while not (second / "status.json").exists() and time.time() < deadline:
+    assert proc.poll() is None
+    time.sleep(0.02)
+  proc.send_signal(signum)
+  output, _ = proc.communicate(timeout=120)
+  return proc, output
+
+
 def test_an_interrupted_sweep_ends_with_the_same_table_and_trials_run_alone(data_env, tmp_path):
   env = {**os.environ, "PYTHONPATH": str(REPO)}
   whole = tmp_path / "whole"
   subprocess.run(_sweep_command(whole), env=env, cwd=REPO, check=True, capture_output=True)
 
   interrupted = tmp_path / "interrupted"
-  proc = subprocess.Popen(_sweep_command(interrupted), env=env, cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   second = interrupted / "trials" / "001-plain20-s1"
-  deadline = time.time() + 300
-  while not (second / "status.json").exists() and time.time() < deadline:
-    assert proc.poll() is None
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  _signal_during_second_trial(interrupted, env, signal.SIGKILL)
   assert read_status(second)["status"] == "running" and not (interrupted / "results.csv").exists()
   subprocess.run(_sweep_command(interrupted), env=env, cwd=REPO, check=True, capture_output=True)
   assert _stable_table(interrupted) == _stable_table(whole)
@@ -525,15 +532,8 @@ def test_an_interrupted_sweep_ends_with_the_same_table_and_trials_run_alone(data
   # Preempted (SIGTERM) during its second trial: that trial saves, no third one starts, the
   # sweep exits 75; the same command finishes it with the uninterrupted sweep's table.
   preempted = tmp_path / "preempted"
-  proc = subprocess.Popen(_sweep_command(preempted), env=env, cwd=REPO, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   running = preempted / "trials" / "001-plain20-s1"
-  deadline = time.time() + 300
-  while not (running / "status.json").exists() and time.time() < deadline:
-    assert proc.poll() is None
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGTERM)
-  output, _ = proc.communicate(timeout=120)
+  proc, output = _signal_during_second_trial(preempted, env, signal.SIGTERM)
   assert proc.returncode == 75, output[-3000:]
   assert re.search(r"preempted (at step \d+|before the next trial); rerun the same command",
                    output), output[-3000:]

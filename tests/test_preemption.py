@@ -21,6 +21,7 @@ def test_a_signal_while_watched_is_recorded_not_fatal_and_the_handlers_come_back
     stopped = preemption.stop(7)
   assert isinstance(stopped, SystemExit) and stopped.code == preemption.EXIT_CODE == 75
   assert str(stopped) == "preempted at step 7; rerun the same command to resume"
+  assert preemption.requested() is None  # nothing leaks into the next run in this process
   assert {name: signal.getsignal(getattr(signal, name)) for name in preemption.SIGNALS} == before
 
 

@@ -171,3 +171,38 @@ def test_a_gpu_amount_that_is_neither_a_share_nor_whole_gpus_is_refused(text):
   with pytest.raises(launch.LaunchError, match=r"neither a share of one GPU nor whole GPUs.*"
                                                r"GPU=0\.25.*GPU=2"):
     launch.parse_resources(text)
+
+
+def test_a_preempted_driver_cancels_queued_trials_lets_the_running_one_save_and_resumes(
+    cluster, digits_data_dir, tmp_path):
+  """The driver's preemption signal (set here from a timer: a test's signal handlers belong to
+  pytest) cancels the queued trial and interrupts the running one, which saves; the driver
+  exits with the preemption code, and rerunning finishes both as an uninterrupted sweep."""
+  from cnnjax.train import preemption
+
+  config = _sweep_config(digits_data_dir, names=("a", "b"), steps=40)
+  config.trial_resources = "CPU=2"  # one trial at a time: "b" waits in Ray's queue
+  kinds.run(config, tmp_path / "uninterrupted", launcher=launch.Local())
+  first = trial_dir(tmp_path / "ray", 0, Trial("a", {}))
+
+  def preempt_once_a_checkpoint_exists():
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+      if any(p.name.isdigit() and int(p.name) for p in (first / "checkpoints").glob("*")):
+        break
+      time.sleep(0.1)
+    preemption._received = "SIGTERM"  # what the driver's handler records
+
+  timer = threading.Thread(target=preempt_once_a_checkpoint_exists)
+  timer.start()
+  try:
+    with pytest.raises(preemption.Preempted) as stopped:
+      kinds.run(config, tmp_path / "ray", launcher=launch.make("ray", config.trial_resources))
+  finally:
+    timer.join()
+    preemption._received = None
+  assert stopped.value.code == 75
+  assert read_status(first)["status"] == "running"
+  assert not (trial_dir(tmp_path / "ray", 1, Trial("b", {})) / "metrics.jsonl").exists()
+  kinds.run(config, tmp_path / "ray", launcher=launch.make("ray", config.trial_resources))
+  assert _table(tmp_path / "ray") == _table(tmp_path / "uninterrupted")

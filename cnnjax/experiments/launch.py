@@ -174,8 +174,10 @@ class RayLauncher:
         try:
           records[index] = ray.get(ref)
         except Exception as error:  # noqa: BLE001 - a worker lost for good: the sweep goes on
+          # Cancelled by a preemption: not a failure, and resumed by the next run.
+          status = "cancelled" if cancelled_at is not None else "failed"
           records[index] = {"index": index, "name": trial.name, "info": trial.info,
-                            "overrides": trial.overrides, "status": "failed",
+                            "overrides": trial.overrides, "status": status,
                             "error": f"{type(error).__name__}: {error}"[:2000]}
       if ready:
         failed = sum(r.get("status") == "failed" for r in records.values())

@@ -123,6 +123,7 @@ def watch(signals=SIGNALS):
           for signum, handler in _previous.items():
             signal.signal(signum, handler)
           _previous.clear()
+          _received = None  # a request belongs to the run that watched for it
 
 
 def should_save(step: int) -> bool:
