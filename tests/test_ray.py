@@ -180,8 +180,8 @@ def test_a_preempted_driver_cancels_queued_trials_lets_the_running_one_save_and_
   exits with the preemption code, and rerunning finishes both as an uninterrupted sweep."""
   from cnnjax.train import preemption
 
-  config = _sweep_config(digits_data_dir, names=("a", "b"), steps=40)
-  config.trial_resources = "CPU=2"  # one trial at a time: "b" waits in Ray's queue
+  # Two CPUs, one a trial (each seeing one device, as the local reference): "c" is queued.
+  config = _sweep_config(digits_data_dir, names=("a", "b", "c"), steps=40)
   kinds.run(config, tmp_path / "uninterrupted", launcher=launch.Local())
   first = trial_dir(tmp_path / "ray", 0, Trial("a", {}))
 
@@ -203,6 +203,6 @@ def test_a_preempted_driver_cancels_queued_trials_lets_the_running_one_save_and_
     preemption._received = None
   assert stopped.value.code == 75
   assert read_status(first)["status"] == "running"
-  assert not (trial_dir(tmp_path / "ray", 1, Trial("b", {})) / "metrics.jsonl").exists()
+  assert not (trial_dir(tmp_path / "ray", 2, Trial("c", {})) / "metrics.jsonl").exists()
   kinds.run(config, tmp_path / "ray", launcher=launch.make("ray", config.trial_resources))
   assert _table(tmp_path / "ray") == _table(tmp_path / "uninterrupted")
