@@ -284,6 +284,15 @@ def test_config_typos_name_the_key():
   config.checkpoint_every_epochs = 0.0
   with pytest.raises(ValueError, match="config.checkpoint_every_epochs must be positive"):
     train.train_and_evaluate(config, "/nonexistent/never/created")
+  config.checkpoint_every_epochs = None
+  config.checkpoint_timeout_seconds = 0
+  with pytest.raises(ValueError, match=r"checkpoint_timeout_seconds must be a positive number "
+                                       r"of seconds \(or None for Orbax's 1,200\), got 0"):
+    train.train_and_evaluate(config, "/nonexistent/never/created")
+  config.checkpoint_timeout_seconds = None
+  config.save_on_signals = ("SIGTERM", "SIGHUP")
+  with pytest.raises(ValueError, match=r"save_on_signals takes names from .*\['SIGHUP'\]"):
+    train.train_and_evaluate(config, "/nonexistent/never/created")
   assert not pathlib.Path("/nonexistent/never/created").exists()
 
 

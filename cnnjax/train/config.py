@@ -154,6 +154,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if value is not None and not value > 0:
       raise ValueError(f"config.{key} must be positive (in epochs; 0.5 is every half epoch), "
                        f"got {value}")
+  if config.checkpoint_timeout_seconds is not None and not config.checkpoint_timeout_seconds > 0:
+    raise ValueError(f"config.checkpoint_timeout_seconds must be a positive number of seconds "
+                     f"(or None for Orbax's 1,200), got {config.checkpoint_timeout_seconds}")
   if not 0 <= config.ema_decay < 1:
     raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
   if config.freeze_body and not config.init_from:
