@@ -164,8 +164,7 @@ class Checkpoints:
     committed = self._wait()
     if step in self.manager.all_steps():
       return committed
-    for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-      shutil.rmtree(partial, ignore_errors=True)  # this step's commit that timed out
+    self._remove_unfinished(step)  # this step's commit that timed out, if any
     nbytes = state_bytes(state)
     try:
       save(self.manager, step, state, extra, metrics)
@@ -198,8 +197,7 @@ class Checkpoints:
   def _raise_if_disk_full(self, error: BaseException, step: int, nbytes: int) -> None:
     if not _is_disk_full(error):
       return
-    for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-      shutil.rmtree(partial, ignore_errors=True)  # unfinished: give its space back
+    self._remove_unfinished(step)  # give its space back
     self.manager.reload()
     kept = self.manager.latest_step()
     free = _megabytes(shutil.disk_usage(self.directory).free)
@@ -207,6 +205,11 @@ class Checkpoints:
                 if kept is not None else "no earlier checkpoint exists")
     raise DiskFullError(
         errno.ENOSPC,
-        f"no space left in {self.directory} for the checkpoint of step {step}: it needs "
-        f"up to {_megabytes(nbytes)} ({nbytes:,} bytes, the train state), {free} are free; {previous}. Free space there and rerun "
-        "the same command to resume") from error
+        f"no space left in {self.directory} for the checkpoint of step {step}: it needs up to "
+        f"{_megabytes(nbytes)} ({nbytes:,} bytes, the train state), {free} are free; "
+        f"{previous}. Free space there and rerun the same command to resume") from error
+
+  def _remove_unfinished(self, step: int) -> None:
+    """Orbax's temporary directory of an unfinished write of `step` (never a committed one)."""
+    for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+      shutil.rmtree(partial, ignore_errors=True)

@@ -156,6 +156,7 @@ class _Run:
   schedule: Any
   tx: Any
   step_config: steps.StepConfig
+  num_workers: int  # grain worker processes: config.data.num_workers, or the platform's default
   # What the compiled steps are a function of besides their arguments (step_cache's key).
   step_description: dict | None = None
 
@@ -249,6 +250,7 @@ def build(config: ml_collections.ConfigDict) -> _Run:
               total_steps=total_steps, steps_per_epoch=steps_per_epoch, eval_every=eval_every,
               checkpoint_every=checkpoint_every,
               schedule=schedule, tx=tx, step_config=step_config,
+              num_workers=data_lib.default_workers(config.data.num_workers),
               step_description=(step_description if step_cache.is_cnnjax_model(model) else None))
 
 
@@ -335,8 +337,7 @@ class _Devices:
 
 
 def _evaluate(devices: _Devices, state, run: _Run, config) -> dict[str, float]:
-  iterator = data_lib.eval_iterator(run.eval_batches, data_lib.default_workers(
-                                        config.data.num_workers),
+  iterator = data_lib.eval_iterator(run.eval_batches, run.num_workers,
                                     config.data.num_threads, config.data.prefetch)
   totals = None
   for batch, _ in devices.batches(iterator, config.data.prefetch):
@@ -368,8 +369,8 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _finish_quietly(*checkpoints) -> None:
-  """Waits for pending writes on the way out; a timed-out commit was reported already."""
+def _wait_for_writes(*checkpoints) -> None:
+  """Waits for pending writes on the way out (a timed-out commit is reported, not raised)."""
   for checkpoint in checkpoints:
     if checkpoint is not None:
       checkpoint.finish()
@@ -461,7 +462,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
 
   latest = manager("checkpoints", config.keep_checkpoints)
   best = manager("best", 1) if config.best_metric else None
-  workers = data_lib.default_workers(config.data.num_workers)
+  workers = run.num_workers
   restored = checkpoint_lib.restore_latest(latest.manager, checkpoint_lib.abstract_like(state),
                                            quarantine=workdir / "unreadable_checkpoints")
   data_state, best_value = None, None
@@ -573,7 +574,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     if not latest.finish() and saved_step is not None:
       save(saved_step, None, wait=True)  # the last commit timed out: the state is still here
   finally:
-    _finish_quietly(latest, best)
+    _wait_for_writes(latest, best)
     writer.close()
   train_seconds = seconds_before + time.perf_counter() - start_time
   result = {"step": step, "total_steps": run.total_steps, "devices": jax.device_count(),
