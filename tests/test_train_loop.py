@@ -361,25 +361,24 @@ def test_a_commit_that_outlives_its_timeout_in_a_suspended_process_fails_nothing
   exactly as the uninterrupted one."""
   reference, overrides = reference_run
   timeout, commit = 1, 0.6
-  proc = _worker(tmp_path, {**overrides, "checkpoint_timeout_seconds": timeout},
-                 env={"CNNJAX_TEST_SLOW_COMMIT_SECONDS": str(commit)}, wait=False)
-  directory = tmp_path / "checkpoints"
+  markers = tmp_path / "commits"
+  markers.mkdir()
+  proc = _worker(tmp_path / "run", {**overrides, "checkpoint_timeout_seconds": timeout},
+                 env={"CNNJAX_TEST_SLOW_COMMIT_SECONDS": str(commit),
+                      "CNNJAX_TEST_COMMIT_MARKERS": str(markers)}, wait=False)
   deadline = time.time() + 300
   while proc.poll() is None and time.time() < deadline:
-    # A commit in flight (Orbax writes into <step>.orbax-checkpoint-tmp until it finishes),
-    # after the first: its synchronous part is then short, so this lands inside the commit.
-    if _committed_steps(directory) and any("tmp" in p.name for p in directory.iterdir()):
-      time.sleep(commit / 3)
+    if any(markers.iterdir()):  # a commit's timed wait has begun: suspend inside it
       proc.send_signal(signal.SIGSTOP)
       time.sleep(2 * timeout)
       proc.send_signal(signal.SIGCONT)
       break
-    time.sleep(0.005)
+    time.sleep(0.002)
   output, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, output[-4000:]
   assert "did not commit within Orbax's timeout" in output, output[-4000:]
-  assert json.loads((tmp_path / "result-0.json").read_text())["step"] == 40
-  expected, resumed = _params(reference), _params(tmp_path)
+  assert json.loads((tmp_path / "run" / "result-0.json").read_text())["step"] == 40
+  expected, resumed = _params(reference), _params(tmp_path / "run")
   assert all(np.array_equal(expected[k], resumed[k]) for k in expected)
 
 

@@ -24,10 +24,12 @@ if os.environ.get("CNNJAX_TEST_CACHE"):
 
 
 
-def _slow_storage(seconds: float) -> None:
+def _slow_storage(seconds: float, markers: str | None) -> None:
   """Every asynchronous checkpoint commit also waits for a write that takes `seconds`: storage
-  slow enough for a test to suspend the process while a commit is in flight."""
+  slow enough for a test to suspend the process while a commit is in flight. With `markers`,
+  a file there says when each commit's timed wait begins."""
   import concurrent.futures  # noqa: PLC0415
+  import pathlib  # noqa: PLC0415
   import threading  # noqa: PLC0415
 
   from orbax.checkpoint._src.checkpointers import async_checkpointer  # noqa: PLC0415
@@ -37,13 +39,16 @@ def _slow_storage(seconds: float) -> None:
   def slow(directory, commit_futures, *args, **kwargs):
     write = concurrent.futures.Future()
     threading.Timer(seconds, write.set_result, (None,)).start()
+    if markers:
+      pathlib.Path(markers, f"commit-{threading.get_ident()}-{id(write)}").touch()
     return original(directory, [*commit_futures, write], *args, **kwargs)
 
   async_checkpointer._background_wait_for_commit_futures = slow
 
 
 if os.environ.get("CNNJAX_TEST_SLOW_COMMIT_SECONDS"):
-  _slow_storage(float(os.environ["CNNJAX_TEST_SLOW_COMMIT_SECONDS"]))
+  _slow_storage(float(os.environ["CNNJAX_TEST_SLOW_COMMIT_SECONDS"]),
+                os.environ.get("CNNJAX_TEST_COMMIT_MARKERS"))
 
 from cnnjax import train  # noqa: E402
 from cnnjax.train import checkpoint as checkpoint_lib  # noqa: E402
