@@ -23,3 +23,12 @@ def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
   except BaseException:
     pathlib.Path(temporary).unlink(missing_ok=True)
     raise
+
+
+def human_bytes(count: float) -> str:
+  """`count` bytes as people read sizes: 269.4 KiB, 1.2 GiB."""
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if abs(count) < 1024 or unit == "GiB":
+      return f"{count:.0f} B" if unit == "B" else f"{count:.1f} {unit}"
+    count /= 1024
+  raise AssertionError("unreachable")

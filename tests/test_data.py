@@ -329,13 +329,13 @@ def test_holding_a_split_in_memory_refuses_varying_sizes_and_too_much_memory(mon
   with pytest.raises(data.DatasetError, match=r"varying size.*in_memory=False"):
     datasets.hold_in_memory(source, (None, None, 3), "folder[train]")
   # What the check compares against: memory free to take now, so no more than the machine has.
-  available = datasets._available_memory()
+  available = datasets.available_memory()
   assert 0 < available <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   # 10 images of 4x4x1 are 160 bytes: a machine with 300 bytes available may hold half of it.
-  monkeypatch.setattr(datasets, "_available_memory", lambda: 300)
+  monkeypatch.setattr(datasets, "available_memory", lambda: 300)
   with pytest.raises(data.DatasetError, match=r"10 images of \(4, 4, 1\).*in_memory=False"):
     datasets.hold_in_memory(source, (4, 4, 1), "tiny[train]")
-  monkeypatch.setattr(datasets, "_available_memory", lambda: 400)
+  monkeypatch.setattr(datasets, "available_memory", lambda: 400)
   held = datasets.hold_in_memory(source, (4, 4, 1), chunk=3)  # chunks that do not divide 10
   np.testing.assert_array_equal(held.images, source.images)
   np.testing.assert_array_equal(held.labels, source.labels)

@@ -263,7 +263,7 @@ def data_source(name: str, split: str, data_dir: str | os.PathLike | None = None
 IN_MEMORY_SHARE = 0.5
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
   """Bytes the kernel could hand out now (Linux's MemAvailable), else the physical memory."""
   try:
     with open("/proc/meminfo") as handle:
@@ -307,7 +307,7 @@ def hold_in_memory(source, image_shape: tuple, what: str = "the split",
                        "in memory as one array; set config.data.in_memory=False")
   count = len(source)
   nbytes = count * int(np.prod(image_shape))
-  memory = _available_memory()
+  memory = available_memory()
   if memory is not None and nbytes > IN_MEMORY_SHARE * memory:
     raise DatasetError(
         f"{what} decoded is {nbytes / 2**30:.1f} GiB ({count} images of {image_shape}), more "

@@ -103,6 +103,20 @@ class TrainBatches:
     return batch
 
 
+class ResidentBatches(TrainBatches):
+  """The training stream's rows alone, for a split held on the devices: `batches[step]` is
+  {"rows": the source rows of this process's part of step's batch}, the same rows in the
+  same order as `TrainBatches` reads; the step gathers and augments them on the devices."""
+
+  def __init__(self, num_examples: int, global_batch: int, seed: int,
+               sharding: Sharding = Sharding()):
+    super().__init__(range(num_examples), None, global_batch, seed, sharding)
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    epoch, positions = self.positions(step)
+    return {"rows": self.epoch_order(epoch)[positions].astype(np.int32)}
+
+
 class EvalBatches:
   """The split in order, `global_batch` at a time, the last batch padded and masked."""
 
@@ -164,6 +178,16 @@ def default_workers(requested: int | None, platform: str | None = None) -> int:
     return os.cpu_count() or 1
 
 
+def default_augment_on(requested: str | None, platform: str | None = None) -> str:
+  """`requested`, or for None the platform's default: "device" on an accelerator, where the
+  host's pipeline bounds training (BENCHMARKS.md: 240 images/s per core on an H100's host
+  against 5,866 trained); "host" on the CPU, where the step runs on the cores that would
+  otherwise run the pipeline's workers (BENCHMARKS.md, device augmentation on the CPU)."""
+  if requested is not None:
+    return requested
+  return "host" if (platform or jax.default_backend()) == "cpu" else "device"
+
+
 def train_iterator(batches: TrainBatches, num_steps: int, num_workers: int = 0,
                    num_threads: int = 1, prefetch: int = 2, start_step: int = 0):
   """A grain iterator over steps [start_step, num_steps); `get_state`/`set_state` resume it.
@@ -179,7 +203,7 @@ def eval_iterator(batches: EvalBatches, num_workers: int = 0, num_threads: int =
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding,
-              keys=("image", "label", "mask")) -> dict[str, jax.Array]:
+              keys=("image", "label", "mask", "rows")) -> dict[str, jax.Array]:
   """This process's rows of a batch, assembled into global arrays sharded along the batch."""
   return {k: jax.make_array_from_process_local_data(sharding, v)
           for k, v in batch.items() if k in keys}

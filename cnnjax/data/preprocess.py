@@ -22,6 +22,10 @@ INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resamp
                   "nearest": Image.Resampling.NEAREST}
 TRAIN_CROPS = ("random_resized", "pad_crop", "resize")
 OUTPUTS = ("float32", "uint8")
+# What the host does of training's transforms: everything; only the crop (the device does the
+# rest: config.data.augment_on = "device" with images of varying size); or nothing but decode
+# (the device crops from the stored image, which has one fixed size).
+HOST_STAGES = ("all", "crop", "none")
 
 
 def _pil(image: np.ndarray) -> Image.Image:
@@ -111,9 +115,14 @@ def _signed(level: float, rng: np.random.Generator) -> float:
   return level if rng.random() < 0.5 else -level
 
 
+def _gray(image: Image.Image):
+  # An int fillcolor fills only the first band of an RGB image: (128, 0, 0), a dark red.
+  return 128 if image.mode == "L" else (128,) * len(image.getbands())
+
+
 def _affine(image: Image.Image, matrix) -> Image.Image:
   return image.transform(image.size, Image.Transform.AFFINE, matrix,
-                         resample=Image.Resampling.BILINEAR, fillcolor=128)
+                         resample=Image.Resampling.BILINEAR, fillcolor=_gray(image))
 
 
 def _op_table() -> dict[str, Callable[[Image.Image, float, np.random.Generator], Image.Image]]:
@@ -125,7 +134,8 @@ def _op_table() -> dict[str, Callable[[Image.Image, float, np.random.Generator],
       "autocontrast": lambda im, m, rng: ImageOps.autocontrast(im),
       "equalize": lambda im, m, rng: ImageOps.equalize(im),
       "rotate": lambda im, m, rng: im.rotate(_signed(30.0 * m, rng),
-                                             resample=Image.Resampling.BILINEAR, fillcolor=128),
+                                             resample=Image.Resampling.BILINEAR,
+                                             fillcolor=_gray(im)),
       "solarize": lambda im, m, rng: ImageOps.solarize(im, int(256 - 256 * m)),
       "posterize": lambda im, m, rng: ImageOps.posterize(im, max(1, int(round(8 - 4 * m)))),
       "color": enhance(ImageEnhance.Color),
@@ -179,6 +189,7 @@ class Preprocessing:
   # batch leaves it as uint8, a quarter of the bytes; the training step normalises it with the
   # same mean and std (`cnnjax.train.steps.normalize`).
   output: str = "float32"
+  host_stages: str = "all"
 
   def __post_init__(self):
     if self.image_size < 1:
@@ -192,6 +203,11 @@ class Preprocessing:
       raise ValueError("mean and std need one value per channel")
     if self.output not in OUTPUTS:
       raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
+    if self.host_stages not in HOST_STAGES:
+      raise ValueError(f"host_stages must be one of {HOST_STAGES}, got {self.host_stages!r}")
+    if self.host_stages != "all" and self.output != "uint8":
+      raise ValueError("the device augments uint8 images: host_stages other than 'all' need "
+                       "output='uint8'")
 
   def _finish(self, image: np.ndarray) -> np.ndarray:
     if image.shape[-1] == 1 and self.channels == 3:
@@ -217,6 +233,8 @@ class Preprocessing:
 
   def train(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     size = self.image_size
+    if self.host_stages == "none":
+      return self._finish(image)
     if self.train_crop == "random_resized":
       image = random_resized_crop(image, rng, size, self.crop_scale, interpolation=self.interpolation)
     elif self.train_crop == "pad_crop":
@@ -230,15 +248,20 @@ class Preprocessing:
     keeps it at least `image_size` (JPEG): the same random draws as `train` on the decoded
     image, the crop decoded at reduced size rather than resized from the full one."""
     size = self.image_size
+    if self.host_stages == "none":
+      return self._finish(encoded_lib.decode(encoded, self.channels))
     if self.train_crop != "random_resized":
       target = (size, size) if self.train_crop == "resize" else None
       return self.train(encoded_lib.decode(encoded, self.channels, target=target), rng)
     height, width = encoded_lib.size_of(encoded)
     box = sample_crop(height, width, rng, self.crop_scale)
-    image = encoded_lib.decode(encoded, self.channels, crop=box, target=(size, size))
-    return self._after_crop(resize(image, (size, size), self.interpolation), rng)
+    image = encoded_lib.decode_resized(encoded, self.channels, box, (size, size),
+                                       INTERPOLATIONS[self.interpolation])
+    return self._after_crop(image, rng)
 
   def _after_crop(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if self.host_stages == "crop":
+      return self._finish(image)
     if self.flip and rng.random() < 0.5:
       image = image[:, ::-1]
     if self.rand_augment is not None:

@@ -43,6 +43,28 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.interpolation = config_dict.placeholder(str)
   c.data.mean = config_dict.placeholder(tuple)
   c.data.std = config_dict.placeholder(tuple)
+  # Where crop, flip and RandAugment run: "host" (grain, PIL) or "device" (in the jitted step,
+  # cnnjax.data.device_augment). None: per platform (`cnnjax.data.default_augment_on`): the
+  # device on GPU and TPU, where the host's pipeline bounds training; the host on the CPU,
+  # where the step's cores are the same cores (BENCHMARKS.md, device augmentation).
+  c.data.augment_on = config_dict.placeholder(str)
+  # The training split put on the devices once as uint8 (it must have one image size); each
+  # step gathers its rows there, and the host does nothing per step. Needs augment_on
+  # "device" (or None on an accelerator). A split over device_memory_share of one device's
+  # memory stays on the host, with a warning.
+  c.data.device_resident = False
+  c.data.device_memory_share = 0.25
+  # timm's mixup and cutmix (0 = off; 0.8 and 1.0 in DeiT's recipe): one mixing per batch with
+  # the batch reversed, with probability mix_prob; switch_prob picks cutmix when both are on.
+  # Label smoothing (config.label_smoothing) applies to both targets. Run in the step.
+  c.data.mixup_alpha = 0.0
+  c.data.cutmix_alpha = 0.0
+  c.data.mix_prob = 1.0
+  c.data.switch_prob = 0.5
+  # timm's random erasing after normalisation: probability per image; fill "pixel" (noise),
+  # "rand" (one noise colour) or "const" (zeros). Run in the step.
+  c.data.erase_prob = 0.0
+  c.data.erase_mode = "pixel"
   # Decode the splits once and hold them (fixed-size images that fit in memory): decoding
   # a PNG per image and epoch is half the pipeline's time on small images.
   c.data.in_memory = False
@@ -131,7 +153,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 # Keys that may differ when a run resumes: they change how it runs, not what it computes.
-RESUMABLE_CHANGES = ("data.data_dir", "data.in_memory", "data.num_workers", "data.num_threads",
+RESUMABLE_CHANGES = ("data.data_dir", "data.in_memory", "data.device_resident",
+                     "data.device_memory_share", "data.num_workers", "data.num_threads",
                      "data.prefetch", "log_every_steps", "progress_bar", "tensorboard",
                      "async_checkpoint", "stop_after_steps", "distributed", "parallelism",
                      "checkpoint_every_epochs", "checkpoint_timeout_seconds", "save_on_signals")
@@ -157,6 +180,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.checkpoint_timeout_seconds is not None and not config.checkpoint_timeout_seconds > 0:
     raise ValueError(f"config.checkpoint_timeout_seconds must be a positive number of seconds "
                      f"(or None for Orbax's 1,200), got {config.checkpoint_timeout_seconds}")
+  if config.data.augment_on is not None:
+    choice("data.augment_on", config.data.augment_on, ("host", "device"))
+  for key in ("mixup_alpha", "cutmix_alpha"):
+    value = config.data[key]
+    if not (value == 0 or value > 0) or value == float("inf"):
+      raise ValueError(f"config.data.{key} must be 0 (off) or a positive Beta(alpha, alpha) "
+                       f"parameter such as 0.2 or 1.0, got {value}")
+  for key in ("mix_prob", "switch_prob", "erase_prob"):
+    if not 0 <= config.data[key] <= 1:
+      raise ValueError(f"config.data.{key} must be a probability in [0, 1], "
+                       f"got {config.data[key]}")
+  choice("data.erase_mode", config.data.erase_mode, ("pixel", "const", "rand"))
+  if not 0 < config.data.device_memory_share <= 1:
+    raise ValueError(f"config.data.device_memory_share must be in (0, 1], "
+                     f"got {config.data.device_memory_share}")
+  if config.data.device_resident and config.data.augment_on == "host":
+    raise ValueError("config.data.device_resident keeps the split on the devices, where it is "
+                     "augmented: set config.data.augment_on='device' (or leave it None)")
+  if config.data.device_resident and config.parallelism == "pmap":
+    raise ValueError("config.data.device_resident needs parallelism='jit'")
   if not 0 <= config.ema_decay < 1:
     raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
   if config.freeze_body and not config.init_from:

@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cnnjax import registry
 from cnnjax import data as data_lib
+from cnnjax.data import datasets as datasets_lib
 from cnnjax import fileio
 from cnnjax import lease as lease_lib
 from cnnjax.train import checkpoint as checkpoint_lib
@@ -159,6 +160,8 @@ class _Run:
   num_workers: int  # grain worker processes: config.data.num_workers, or the platform's default
   # What the compiled steps are a function of besides their arguments (step_cache's key).
   step_description: dict | None = None
+  # The training split held on the devices ({"image", "label"} host arrays), or None.
+  resident_data: dict | None = None
 
 
 def _prepare_dataset(config) -> data_lib.DatasetInfo:
@@ -173,6 +176,56 @@ def _prepare_dataset(config) -> data_lib.DatasetInfo:
   return data_lib.info(name, data_dir, progress=False, backend=backend)
 
 
+def _device_augment(config, preprocessing: data_lib.Preprocessing):
+  """What the step does to the host's uint8 batch; None where it only normalises."""
+  d = config.data
+  on_device = preprocessing.host_stages != "all"
+  if not on_device and not (d.mixup_alpha or d.cutmix_alpha or d.erase_prob):
+    return None  # the host path as it was: the step normalises (StepConfig.normalization)
+  crop = preprocessing.train_crop if preprocessing.host_stages == "none" else "none"
+  return data_lib.DeviceAugment(
+      image_size=preprocessing.image_size, crop=crop, crop_scale=preprocessing.crop_scale,
+      pad=preprocessing.pad, flip=preprocessing.flip and on_device,
+      rand_augment=preprocessing.rand_augment if on_device else None,
+      mean=tuple(preprocessing.mean), std=tuple(preprocessing.std),
+      mixup_alpha=d.mixup_alpha, cutmix_alpha=d.cutmix_alpha, mix_prob=d.mix_prob,
+      switch_prob=d.switch_prob, erase_prob=d.erase_prob, erase_mode=d.erase_mode)
+
+
+def device_memory_bytes(device: jax.Device | None = None) -> int | None:
+  """One device's memory: what its allocator may use, or on the CPU what the host has free."""
+  device = device or jax.local_devices()[0]
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  return datasets_lib.available_memory()
+
+
+def _resident_split(config, source, stored_shape: tuple,
+                    preprocessing: data_lib.Preprocessing) -> dict | None:
+  """The training split as uint8 host arrays to put on the devices, or None (with one
+  warning giving both sizes) where it is over `device_memory_share` of a device's memory."""
+  channels = preprocessing.channels
+  nbytes = len(source) * int(np.prod(stored_shape[:2])) * channels
+  memory = device_memory_bytes()
+  budget = None if memory is None else config.data.device_memory_share * memory
+  if budget is not None and nbytes > budget:
+    log.warning(
+        "config.data.device_resident: the training split is %s (%d images of %s), over the "
+        "%s that device_memory_share=%g of a device's %s allows; the host reads it instead. "
+        "Raise device_memory_share, or store smaller images.",
+        fileio.human_bytes(nbytes), len(source), stored_shape, fileio.human_bytes(budget),
+        config.data.device_memory_share, fileio.human_bytes(memory))
+    return None
+  held = source if isinstance(source, data_lib.ArraySource) else datasets_lib.hold_in_memory(
+      source, stored_shape, f"{config.data.dataset}[{config.data.train_split}]")
+  images = held.images
+  if images.shape[-1] != channels:  # what Preprocessing does per image, for the whole split
+    images = np.stack([preprocessing.train(image, None) for image in images])
+  return {"image": np.ascontiguousarray(images, np.uint8),
+          "label": np.asarray(held.labels, np.int32)}
+
+
 def build(config: ml_collections.ConfigDict) -> _Run:
   """The model, data pipelines, schedule and optimizer that `config` describes."""
   dataset = _prepare_dataset(config)
@@ -182,6 +235,12 @@ def build(config: ml_collections.ConfigDict) -> _Run:
   info = registry.model_info(config.model)
   image_size = config.data.image_size or getattr(model, "input_size", None) or info.input_size
   channels = info.channels
+  augment_on = data_lib.default_augment_on(config.data.augment_on)
+  stored_shape = tuple(dataset.image_shape or (None, None, None))
+  # The device crops from the stored image where the split has one size (its "canvas");
+  # from images of varying size the host decodes the crop, the device does the rest.
+  canvas = None not in stored_shape[:2]
+  host_stages = "all" if augment_on == "host" else ("none" if canvas else "crop")
   preprocessing = data_lib.Preprocessing(
       image_size=image_size, channels=channels,
       mean=tuple(config.data.mean or info.mean), std=tuple(config.data.std or info.std),
@@ -191,7 +250,11 @@ def build(config: ml_collections.ConfigDict) -> _Run:
       rand_augment=((config.data.rand_augment_ops, config.data.rand_augment_magnitude)
                     if config.data.rand_augment_ops else None),
       crop_fraction=config.data.crop_fraction or info.crop_fraction,
-      output="uint8")  # a quarter of the bytes to the device; the step normalises
+      output="uint8",  # a quarter of the bytes to the device; the step normalises
+      host_stages=host_stages)
+  augment = _device_augment(config, preprocessing)
+  if augment is not None and host_stages == "none":
+    augment.check_input(stored_shape)
   sharding = data_lib.Sharding.from_jax()
   if config.batch_size % jax.device_count():
     raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the number of "
@@ -204,8 +267,18 @@ def build(config: ml_collections.ConfigDict) -> _Run:
       data_lib.data_source(config.data.dataset, split, config.data.data_dir, config.data.backend,
                            in_memory=config.data.in_memory)
       for split in (config.data.train_split, config.data.eval_split))
-  train_batches = data_lib.TrainBatches(train_source, preprocessing, config.batch_size,
-                                        config.seed, sharding)
+  resident_data = _resident_split(config, train_source, stored_shape, preprocessing) if (
+      config.data.device_resident and host_stages == "none") else None
+  if config.data.device_resident and host_stages != "none":
+    log.warning("config.data.device_resident: %s; the host reads it",
+                "augment_on is 'host'" if augment_on == "host" else
+                f"{config.data.dataset}'s images have no single size ({stored_shape})")
+  if resident_data is not None:
+    train_batches = data_lib.ResidentBatches(len(resident_data["label"]), config.batch_size,
+                                             config.seed, sharding)
+  else:
+    train_batches = data_lib.TrainBatches(train_source, preprocessing, config.batch_size,
+                                          config.seed, sharding)
   eval_batches = data_lib.EvalBatches(eval_source, preprocessing, eval_batch, sharding)
   steps_per_epoch = train_batches.steps_per_epoch
   total_steps = config.num_steps or max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
@@ -233,7 +306,8 @@ def build(config: ml_collections.ConfigDict) -> _Run:
                                  aux_loss_weight=config.aux_loss_weight,
                                  weight_decay_mode=o.weight_decay_mode, ema_decay=config.ema_decay,
                                  ghost_batch_norm=config.ghost_batch_norm, trainable=trainable,
-                                 normalization=(preprocessing.mean, preprocessing.std))
+                                 normalization=(preprocessing.mean, preprocessing.std),
+                                 augment=augment)
   image_shape = (image_size, image_size, channels)
   # The steps close over the model, optimizer and schedule: all of them come from the
   # config and these numbers derived from the dataset. Keys that only change how the run
@@ -251,6 +325,7 @@ def build(config: ml_collections.ConfigDict) -> _Run:
               checkpoint_every=checkpoint_every,
               schedule=schedule, tx=tx, step_config=step_config,
               num_workers=data_lib.default_workers(config.data.num_workers),
+              resident_data=resident_data,
               step_description=(step_description if step_cache.is_cnnjax_model(model) else None))
 
 
@@ -266,11 +341,16 @@ class _Devices:
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P(steps.DATA_AXIS))
     self.pmap = parallelism == "pmap"
+    self.resident = None
     if self.pmap:
       self.train, self.evaluate = steps.pmap_steps(run.model, run.tx, run.step_config)
     else:
       self.train, self.evaluate = steps.jit_steps(run.model, run.tx, run.step_config, self.mesh,
-                                                  run.schedule)
+                                                  run.schedule,
+                                                  resident=run.resident_data is not None)
+      if run.resident_data is not None:  # once, replicated on every device
+        self.resident = {k: jax.make_array_from_process_local_data(self.replicated, v)
+                         for k, v in run.resident_data.items()}
     self.local_devices = jax.local_device_count()
 
   def batches(self, iterator, prefetch: int):
@@ -316,15 +396,19 @@ class _Devices:
   def compile(self, state, batch):
     """AOT-compiles the train step for these shapes; (compiled, seconds, loaded from disk)."""
     start = time.perf_counter()
-    compiled, loaded = self._compile("train", self.train, state, batch)
+    if self.resident is None:
+      compiled, loaded = self._compile("train", self.train, state, batch)
+    else:
+      step, loaded = self._compile("train", self.train, state, batch, self.resident)
+      compiled = lambda state, batch: step(state, batch, self.resident)  # noqa: E731
     return compiled, time.perf_counter() - start, loaded
 
-  def _compile(self, name: str, step, state, batch):
+  def _compile(self, name: str, step, *args):
     # The step cache covers one process: executables of a multi-process run are untested.
     if self.pmap or self.step_description is None or jax.process_count() > 1:
-      return step.lower(state, batch).compile(compiler_options=self.compiler_options), False
+      return step.lower(*args).compile(compiler_options=self.compiler_options), False
     compiled, loaded = step_cache.load_or_compile(
-        step, (state, batch), description={"step": name, **self.step_description},
+        step, args, description={"step": name, **self.step_description},
         compiler_options=self.compiler_options)
     if loaded:
       log.info("%s step loaded from the step cache", name)

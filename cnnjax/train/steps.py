@@ -32,6 +32,7 @@ from flax import linen as nn
 from flax.training import dynamic_scale as dynamic_scale_lib
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cnnjax.data import device_augment
 from cnnjax.models import lowering, tuning
 from cnnjax.train import optim
 
@@ -62,6 +63,13 @@ class StepConfig:
   trainable: tuple[tuple[str, ...], ...] | None = None
   # (mean, std) per channel, on the 0..1 scale: uint8 batches are normalised in the step.
   normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+  # Augmentation in the step (crop, flip, RandAugment, normalisation, random erasing, mixup,
+  # cutmix: `cnnjax.data.device_augment`); it replaces `normalization` when set.
+  augment: device_augment.DeviceAugment | None = None
+
+
+# fold_in tag of the augmentation's key: apart from the dropout key, which is the step's own.
+AUGMENT_STREAM = 0x61756701
 
 
 def normalize(images: jax.Array, normalization) -> jax.Array:
@@ -138,7 +146,23 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
                axis_name: str | None = None) -> tuple[TrainState, dict]:
   """One update. With `axis_name` (pmap) gradients and metrics are averaged across it."""
   rng = jax.random.fold_in(state.rng, state.step)
-  images, labels = normalize(batch["image"], config.normalization), batch["label"]
+  labels, mixing = batch["label"], None
+  if config.augment is not None:
+    augment_key = jax.random.fold_in(rng, AUGMENT_STREAM)
+    if axis_name is not None:  # pmap: each device augments its own examples
+      augment_key = jax.random.fold_in(augment_key, jax.lax.axis_index(axis_name))
+    images, mixing = device_augment.augment_batch(augment_key, batch["image"], config.augment)
+  else:
+    images = normalize(batch["image"], config.normalization)
+
+  def data_loss_of(logits):
+    loss = cross_entropy(logits, labels, logits.shape[-1], config.label_smoothing).mean()
+    if mixing is None:
+      return loss
+    # timm's mixed targets, lam * y + (1 - lam) * y[::-1], both smoothed: cross-entropy is
+    # linear in the targets, so the loss mixes the same way.
+    mixed = cross_entropy(logits, labels[::-1], logits.shape[-1], config.label_smoothing).mean()
+    return mixing.lam * loss + (1.0 - mixing.lam) * mixed
   weight_decay = state.opt_state.hyperparams["weight_decay"]
 
   # A frozen body runs in inference mode: its BatchNorm statistics stay as loaded.
@@ -148,12 +172,10 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
     outputs, mutated = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
                                    train=training, mutable=["batch_stats"], rngs={"dropout": rng})
     logits, aux = _split_outputs(outputs)
-    num_classes = logits.shape[-1]
-    data_loss = cross_entropy(logits, labels, num_classes, config.label_smoothing).mean()
+    data_loss = data_loss_of(logits)
     loss = data_loss
     for aux_logits in aux:
-      loss += config.aux_loss_weight * cross_entropy(aux_logits, labels, num_classes,
-                                                     config.label_smoothing).mean()
+      loss += config.aux_loss_weight * data_loss_of(aux_logits)
     if config.weight_decay_mode == "coupled":
       loss += optim.l2_penalty(params, weight_decay)
     return loss, (logits, mutated.get("batch_stats", state.batch_stats), data_loss)
@@ -226,15 +248,39 @@ def make_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def resident_train_step(state: TrainState, batch: dict, dataset: dict, **kwargs):
+  """`train_step` on the rows `batch["rows"]` of a split held on the devices (`dataset`:
+  {"image": uint8 NHWC, "label": int32 N}), gathered in the step."""
+  rows = batch["rows"]
+  return train_step(state, {"image": dataset["image"][rows], "label": dataset["label"][rows]},
+                    **kwargs)
+
+
 def jit_steps(model: nn.Module, tx: optax.GradientTransformation, config: StepConfig,
               mesh: Mesh, schedule: Callable | None = None,
-              xla_options: dict | None = None) -> tuple[Callable, Callable]:
+              xla_options: dict | None = None,
+              resident: bool = False) -> tuple[Callable, Callable]:
   """Train and eval steps compiled once for `mesh`: batch sharded, state replicated, donated.
 
-  They compile with `xla_options`, by default `compiler_options(mesh)`.
+  They compile with `xla_options`, by default `compiler_options(mesh)`. With `resident` the
+  train step is `resident_train_step`, its third argument the split, replicated.
   """
   replicated = NamedSharding(mesh, P())
   sharded = NamedSharding(mesh, P(DATA_AXIS))
+  if resident:
+    if config.ghost_batch_norm:
+      raise ValueError("config.data.device_resident does not combine with ghost_batch_norm")
+    step = functools.partial(resident_train_step, model=model, tx=tx, config=config,
+                             schedule=schedule)
+    options = compiler_options(mesh) if xla_options is None else xla_options
+    train = jax.jit(step, in_shardings=(replicated, sharded, replicated),
+                    out_shardings=(replicated, replicated), donate_argnums=0,
+                    compiler_options=options)
+    evaluate = jax.jit(functools.partial(eval_step, model=model, use_ema=config.ema_decay > 0,
+                                         normalization=_eval_normalization(config)),
+                       in_shardings=(replicated, sharded), out_shardings=replicated,
+                       compiler_options=options)
+    return train, evaluate
   step = functools.partial(train_step, model=model, tx=tx, config=config, schedule=schedule)
   if config.ghost_batch_norm:
     # Per-device statistics need per-device code: the step runs once per shard, with
@@ -246,10 +292,17 @@ def jit_steps(model: nn.Module, tx: optax.GradientTransformation, config: StepCo
   train = jax.jit(step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
                   donate_argnums=0, compiler_options=options)
   evaluate = jax.jit(functools.partial(eval_step, model=model, use_ema=config.ema_decay > 0,
-                                       normalization=config.normalization),
+                                       normalization=_eval_normalization(config)),
                      in_shardings=(replicated, sharded), out_shardings=replicated,
                      compiler_options=options)
   return train, evaluate
+
+
+def _eval_normalization(config: StepConfig):
+  """Evaluation's normalisation: the training augmentation's mean and std where it has them."""
+  if config.augment is not None:
+    return (tuple(config.augment.mean), tuple(config.augment.std))
+  return config.normalization
 
 
 def compiler_options(mesh: Mesh) -> dict:
@@ -273,6 +326,7 @@ def pmap_steps(model: nn.Module, tx: optax.GradientTransformation,
   train = jax.pmap(functools.partial(train_step, model=model, tx=tx, config=config,
                                      axis_name=DATA_AXIS), axis_name=DATA_AXIS, donate_argnums=0)
   evaluate = jax.pmap(functools.partial(eval_step, model=model, use_ema=config.ema_decay > 0,
-                                        axis_name=DATA_AXIS, normalization=config.normalization),
+                                        axis_name=DATA_AXIS,
+                                        normalization=_eval_normalization(config)),
                       axis_name=DATA_AXIS)
   return train, evaluate
