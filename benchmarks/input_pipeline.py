@@ -1,6 +1,10 @@
 """Input-pipeline throughput at 32, 64 and 224 pixels, next to what training consumes.
 
-    python -m benchmarks.input_pipeline [--data_dir DIR]
+    python -m benchmarks.input_pipeline [--data_dir DIR] [--no-jpeg_folder]
+
+First the ImageNet-like folder of real JPEG photos against torchvision's
+ImageFolder + DataLoader, one core each (`benchmarks.jpeg_folder`: host
+images/s per core at 224 px, prepared bytes against the folder's). Then:
 
 Reads procedural images prepared as array_record (gratings at native 64 px for
 the 32 px case and 256 px for the 224 px case, with RandAugment(2, 9); scenes
@@ -76,6 +80,9 @@ def main(argv=None):
                       "(default: a temporary directory)")
   parser.add_argument("--sizes", default="32,64,224", help="which cases to measure, by image "
                       "size (comma-separated); a subset writes input_pipeline_<sizes>.json")
+  parser.add_argument("--jpeg_folder", action=argparse.BooleanOptionalAction, default=True,
+                      help="first, the ImageNet-like JPEG folder against torchvision "
+                      "(benchmarks.jpeg_folder, needs torch)")
   args = parser.parse_args(argv)
   sizes = [int(size) for size in args.sizes.split(",") if size.strip()]
   with tempfile.TemporaryDirectory() as tmp:
@@ -92,6 +99,10 @@ def main(argv=None):
     unknown = sorted(set(sizes) - {case["size"] for case in cases})
     if unknown:
       parser.error(f"--sizes {unknown} not among the cases {[case['size'] for case in cases]}")
+    if args.jpeg_folder:
+      from benchmarks import jpeg_folder  # noqa: PLC0415
+
+      jpeg_folder.main([])
     rows = []
     for case in (case for case in cases if case["size"] in sizes):
       source = _source(data_dir, case["native"], case["count"], case["data"])

@@ -14,8 +14,13 @@ Training transforms, the same on both sides: random resized crop to 224 (scale
 `torch.set_num_threads(1)`: images per second per core. cnnjax's batches are
 uint8, as the training loop sends them (the step normalises on the device);
 its float32 output (normalised on the host) is measured too, and torchvision's
-`ToTensor` + `Normalize` make float32 as its loaders do. Runs alternate
-batch by batch. Writes benchmarks/results/jpeg_folder.json.
+`ToTensor` + `Normalize` make float32 as its loaders do. With
+`data.augment_on = "device"` the host only decodes and resizes each crop
+(`cnnjax_device_host_side`); that is set against torchvision with and without
+RandAugment(2, 9), which cnnjax then runs in the step. cnnjax's host-side
+RandAugment is measured too. Runs alternate batch by batch. Writes
+benchmarks/results/jpeg_folder.json. `python -m benchmarks.input_pipeline`
+runs it first.
 """
 
 from __future__ import annotations
@@ -83,9 +88,9 @@ def main(argv=None) -> None:
                          if p.is_file())
     source = data.data_source(f"folder:{root}", "train", pathlib.Path(tmp) / "tfds")
 
-    def cnnjax_reader(output):
+    def cnnjax_reader(output, rand_augment=None, host_stages="all"):
       pre = data.Preprocessing(image_size=SIZE, train_crop="random_resized", flip=True,
-                               output=output)
+                               output=output, rand_augment=rand_augment, host_stages=host_stages)
       stream = data.TrainBatches(source, pre, BATCH, seed=0)
       step = iter(range(10**9))
       return lambda: stream(next(step) % stream.steps_per_epoch)
@@ -94,10 +99,13 @@ def main(argv=None) -> None:
     folder = torchvision.datasets.ImageFolder(str(root), transforms.Compose([
         transforms.RandomResizedCrop(SIZE), transforms.RandomHorizontalFlip(),
         transforms.ToTensor(), normalise]))
-    loader = torch.utils.data.DataLoader(folder, batch_size=BATCH, shuffle=True, num_workers=0,
-                                         drop_last=True)
+    folder_randaugment = torchvision.datasets.ImageFolder(str(root), transforms.Compose([
+        transforms.RandomResizedCrop(SIZE), transforms.RandomHorizontalFlip(),
+        transforms.RandAugment(2, 9), transforms.ToTensor(), normalise]))
 
-    def torch_reader():
+    def torch_reader(folder=folder):
+      loader = torch.utils.data.DataLoader(folder, batch_size=BATCH, shuffle=True, num_workers=0,
+                                           drop_last=True)
       iterator = iter(loader)
       def next_batch():
         nonlocal iterator
@@ -109,7 +117,12 @@ def main(argv=None) -> None:
       return next_batch
 
     readers = {"cnnjax_uint8": cnnjax_reader("uint8"), "cnnjax_float32": cnnjax_reader("float32"),
-               "torchvision": torch_reader()}
+               "torchvision": torch_reader(),
+               # augment_on="device": the host decodes and resizes the crop, the step does the
+               # rest (flip, RandAugment, normalisation), whatever the recipe.
+               "cnnjax_device_host_side": cnnjax_reader("uint8", host_stages="crop"),
+               "cnnjax_randaugment_uint8": cnnjax_reader("uint8", rand_augment=(2, 9.0)),
+               "torchvision_randaugment": torch_reader(folder_randaugment)}
     seconds = {name: [] for name in readers}
     for name, read in readers.items():  # warm-up: imports, first reads
       read()
@@ -127,6 +140,11 @@ def main(argv=None) -> None:
       "images_per_s": rates,
       "cnnjax_uint8_over_torchvision": rates["cnnjax_uint8"] / rates["torchvision"],
       "cnnjax_float32_over_torchvision": rates["cnnjax_float32"] / rates["torchvision"],
+      "device_host_side_over_torchvision": rates["cnnjax_device_host_side"] / rates["torchvision"],
+      "device_host_side_over_torchvision_randaugment": (rates["cnnjax_device_host_side"]
+                                                        / rates["torchvision_randaugment"]),
+      "cnnjax_randaugment_over_torchvision_randaugment": (rates["cnnjax_randaugment_uint8"]
+                                                          / rates["torchvision_randaugment"]),
   }
   for key, value in payload.items():
     print(f"{key}: {value}")
