@@ -3,14 +3,13 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# glibc malloc settings under which XLA:CPU reuses its step buffers (cnnjax/host_allocator.py);
-# CNNJAX_HOST_ALLOCATOR=0 leaves them out. The test suite runs without them: it is mostly
-# compilation, which ran slower with one malloc arena (BENCHMARKS.md), and it sets them itself
-# where a test is about them.
-WITH_ALLOCATOR = env $$($(BIN)/python -m cnnjax.host_allocator)
+# `import cnnjax` sets glibc's malloc so that XLA:CPU reuses its step buffers
+# (cnnjax/host_allocator.py); nothing is needed here for it. The test suite opts out: it is
+# mostly compilation, which one malloc arena slows (BENCHMARKS.md, host allocator), and the
+# tests about the settings start processes of their own without the opt-out.
 WITHOUT_ALLOCATOR = env CNNJAX_HOST_ALLOCATOR=0
 
-.PHONY: install test test-torch run bench bench-accelerator clean
+.PHONY: install test test-torch run bench bench-accelerator docs clean
 
 install: $(STAMP)
 
@@ -26,7 +25,7 @@ test: $(STAMP)
 	$(WITHOUT_ALLOCATOR) $(BIN)/python -m pytest -n 2 --dist loadgroup -q -m "not torch"
 
 run: $(STAMP)
-	$(WITH_ALLOCATOR) $(BIN)/python -m experiments.run $(ARGS)
+	$(BIN)/python -m experiments.run $(ARGS)
 
 # PyTorch and torchvision are only the benchmark's peer; they are not dependencies of cnnjax.
 # (PyPI's wheels: the CPU kernels are the same as the CPU-only build's.)
@@ -48,11 +47,21 @@ test-torch: $(TORCH_STAMP)
 	$(WITHOUT_ALLOCATOR) $(BIN)/python -m pytest -n 2 -q -m torch tests/test_weights_torch.py tests/test_training_parity_torch.py
 
 bench: $(BENCH_STAMP)
-	$(WITH_ALLOCATOR) $(BIN)/python -m benchmarks.train_step $(ARGS)
+	$(BIN)/python -m benchmarks.train_step $(ARGS)
 
 # On a machine with an accelerator, jax's plugin for it and PyTorch (see BENCHMARKS.md).
 bench-accelerator: $(BENCH_STAMP)
-	$(WITH_ALLOCATOR) $(BIN)/python -m benchmarks.accelerator $(ARGS)
+	$(BIN)/python -m benchmarks.accelerator $(ARGS)
 
 clean:
 	rm -rf $(VENV) .jax_cache .pytest_cache
+
+# The documentation site, warnings (broken references included) as errors. Installs its own
+# tools the first time, as `make test` does.
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(BIN)/python -m sphinx -W --keep-going -n -q -b html docs docs/_build/html

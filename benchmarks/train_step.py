@@ -302,11 +302,4 @@ def markdown(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-  from cnnjax import host_allocator
-
-  try:  # cnnjax and PyTorch alike run with it; CNNJAX_HOST_ALLOCATOR=0: without
-    host_allocator.reexec()
-  except ValueError as error:  # a bad CNNJAX_HOST_ALLOCATOR
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
   main()

@@ -4,15 +4,21 @@ The notebook API: `list_models`, `create_model`, `model_info`, the
 convolution arithmetic `count_params`, `flops`, `summary`, and pretrained
 weights in torchvision's and timm's names: `load_weights`, `save_weights`.
 
-Importing cnnjax makes one process-wide setting, documented and reversible in
-`cnnjax.xla_cpu`: XLA:CPU keeps convolutions with XLA rather than YNNPACK, so a
-plain `jax.jit` of a model compiles as cnnjax's own steps do. `CNNJAX_XLA_FLAGS=0`
-opts out.
+Importing cnnjax makes two process-wide settings, each documented in its module
+and each with an opt-out:
+
+- `cnnjax.xla_cpu`: XLA:CPU keeps convolutions with XLA rather than YNNPACK, so
+  a plain `jax.jit` of a model compiles as cnnjax's own steps do
+  (`CNNJAX_XLA_FLAGS=0` opts out);
+- `cnnjax.host_allocator`: glibc's malloc keeps XLA:CPU's step buffers for the
+  next step instead of faulting them in again (`CNNJAX_HOST_ALLOCATOR=0` opts
+  out). Import cnnjax before the first JAX computation for it to take effect.
 """
 
-from cnnjax import xla_cpu
+from cnnjax import host_allocator, xla_cpu
 
 xla_cpu.apply()
+host_allocator.apply()
 
 from cnnjax.analysis import Summary, count_params, flops, summary  # noqa: E402
 from cnnjax.registry import (  # noqa: E402

@@ -101,7 +101,13 @@ class Summary:
 
 
 def count_params(variables: Any) -> int:
-  """Trainable parameters: the 'params' collection if present, else every leaf."""
+  """The number of trainable parameters in `variables` (a flax variables dict, or any
+  pytree of arrays): the 'params' collection where there is one, else every leaf.
+
+  >>> model = cnnjax.create_model("resnet20")
+  >>> cnnjax.count_params(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  269722
+  """
   if isinstance(variables, dict) or hasattr(variables, "keys"):
     if "params" in variables:
       variables = variables["params"]
@@ -278,7 +284,11 @@ def _trace(model: nn.Module, input_shape, channels: int):
 
 
 def summary(model: nn.Module, input_shape: int | Sequence[int] = 224) -> Summary:
-  """Per-layer table: output shape, parameters, MACs, receptive field, stride."""
+  """The per-layer `Summary` of `model` on one image of `input_shape` (a size, (H, W) or
+  (H, W, C)): each layer's output shape, parameters, MACs, receptive field and stride;
+  `print` it for the table. Raises `ValueError` where the image is too small for the model,
+  naming the smallest size that works.
+  """
   shape, variables, closed = _trace(model, input_shape, _channels(input_shape))
   param_counts = _param_paths(variables.get("params", {}))
   walker = _Walker(param_counts, type(model).__name__)
@@ -301,7 +311,12 @@ def _channels(input_shape) -> int:
 
 
 def flops(model: nn.Module, input_shape: int | Sequence[int] = 224) -> int:
-  """Forward FLOPs at inference (2 per multiply-add of convolutions and matmuls)."""
+  """Forward FLOPs of `model` at inference on one image of `input_shape` (a size, (H, W)
+  or (H, W, C)): 2 per multiply-add of convolutions and matmuls, from the traced program.
+
+  >>> cnnjax.flops(cnnjax.create_model("resnet20"), 32)
+  81102080
+  """
   return summary(model, input_shape).flops
 
 

@@ -26,7 +26,11 @@ def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
 
 
 def human_bytes(count: float) -> str:
-  """`count` bytes as people read sizes: 269.4 KiB, 1.2 GiB."""
+  """`count` bytes as people read sizes.
+
+  >>> human_bytes(275_904), human_bytes(3 * 2**30)
+  ('269.4 KiB', '3.0 GiB')
+  """
   for unit in ("B", "KiB", "MiB", "GiB"):
     if abs(count) < 1024 or unit == "GiB":
       return f"{count:.0f} B" if unit == "B" else f"{count:.1f} {unit}"

@@ -73,6 +73,7 @@ def holder_is_dead(record: dict, now: float | None = None) -> str | None:
 
 
 def describe(record: dict) -> str:
+  """A lease record (`lease.json`'s contents) as people read it: pid, host, since, heartbeat."""
   started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(record.get("started", 0))))
   return (f"pid {record.get('pid')} on {record.get('host')} (since {started}, heartbeat "
           f"{time.time() - float(record.get('heartbeat', 0)):.0f} s ago)")
@@ -205,6 +206,8 @@ def acquire(workdir: str | os.PathLike, wait_seconds: float | None = None) -> Le
 
 
 def release(lease: Lease) -> None:
+  """Gives up one hold of `lease`; the last one stops its heartbeat and removes
+  `lease.json` if it is still this process's."""
   with _held_lock:
     lease.holds -= 1
     if lease.holds > 0:

@@ -49,7 +49,11 @@ _REGISTRY: dict[str, _Entry] = {}
 
 
 def register_model(name: str, **info: Any) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-  """Registers `factory(**overrides) -> nn.Module` under `name` with its info."""
+  """A decorator registering `factory(**overrides) -> nn.Module` under `name`.
+
+  `info` are the fields of `ModelInfo` other than `name` (input size, mean and std, the
+  paper...). Returns the factory unchanged. Raises `ValueError` where `name` is taken.
+  """
 
   def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     if name in _REGISTRY:
@@ -72,20 +76,40 @@ def _entry(name: str) -> _Entry:
 
 
 def list_models(pattern: str = "*") -> list[str]:
-  """Sorted registered names matching a shell-style pattern."""
+  """The registered names matching the shell-style `pattern`, sorted.
+
+  >>> cnnjax.list_models("resnet1*")
+  ['resnet101', 'resnet110', 'resnet152', 'resnet18']
+  """
   _ensure_models_imported()
   return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
 
 
 def model_info(name: str) -> ModelInfo:
+  """The frozen facts of the registered model `name` (a `ModelInfo`): its input size, crop
+  fraction, interpolation, mean and std, number of classes, channels, paper. Raises
+  `ValueError` for an unknown name, with the closest registered ones.
+
+  >>> info = cnnjax.model_info("efficientnet_b3")
+  >>> info.input_size, info.crop_fraction, info.interpolation
+  (300, 0.904, 'bicubic')
+  """
   return _entry(name).info
 
 
 def create_model(name: str, num_classes: int | None = None, **overrides: Any) -> nn.Module:
-  """Builds a registered model; overrides must be fields of its module.
+  """A new `flax.linen` module of the registered model `name`.
 
-  `num_classes` defaults to the variant's own (1000 for the ImageNet models,
-  10 for the CIFAR ResNets).
+  `num_classes` (a positive int) defaults to the variant's own (1000 for the ImageNet
+  models, 10 for the CIFAR ResNets); `overrides` are fields of the module (`dtype`,
+  `widths`, `zero_init_residual`...). Raises `ValueError` for an unknown name, a bad
+  `num_classes` or an unknown field, naming the closest valid ones.
+
+  >>> model = cnnjax.create_model("resnet20", num_classes=10, widths=(8, 16, 32))
+  >>> cnnjax.create_model("resnet20", widht=2)
+  Traceback (most recent call last):
+  ...
+  ValueError: Unknown option(s) for model 'resnet20': 'widht' (did you mean 'widths'?)...
   """
   entry = _entry(name)
   if num_classes is None:

@@ -15,6 +15,7 @@ convolutions. A program without convolutions compiles exactly as before
 the process is untouched, and a program with convolutions is compiled exactly
 as cnnjax's own steps compile it. It is applied only when all of these hold,
 and `state()` says which did not:
+
 - JAX's backends have not started (otherwise a warning names the fix:
   import cnnjax before the first computation, or set `XLA_FLAGS` yourself);
 - `CNNJAX_XLA_FLAGS` is not `0`, `off`, `false` or `no` (the opt-out; a value

@@ -2,12 +2,9 @@
 
 import sys
 
-from cnnjax import host_allocator
-from cnnjax.experiments.cli import main
-
 if __name__ == "__main__":
-  try:  # once, so that XLA:CPU's step buffers are reused (see cnnjax.host_allocator)
-    host_allocator.reexec()
+  try:  # `import cnnjax` applies its process-wide settings (cnnjax.host_allocator, xla_cpu)
+    from cnnjax.experiments.cli import main
   except ValueError as error:  # a bad CNNJAX_HOST_ALLOCATOR
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -40,7 +40,7 @@ def without_allocator_settings(env) -> dict:
   from cnnjax import host_allocator  # noqa: PLC0415
 
   return {k: v for k, v in env.items()
-          if k not in host_allocator.SETTINGS and k != host_allocator.ENV_OPT_OUT}
+          if k not in host_allocator.users_own(env) and k != host_allocator.ENV_OPT_OUT}
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The glibc allocator settings: who starts with them, and that with them XLA:CPU stops faulting.
+"""The glibc allocator settings `import cnnjax` applies: when, and that with them XLA:CPU stops faulting.
 
 The claim behind `cnnjax.host_allocator` is a count, not a timing: without the
 settings every call of a compiled computation maps its large buffers afresh
@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from cnnjax import host_allocator, xla_cpu
+from cnnjax import host_allocator
 from cnnjax.experiments import launch
 from tests.conftest import REPO, without_allocator_settings
 
@@ -25,6 +25,8 @@ CALLS = 20
 FAULTS = textwrap.dedent("""
     import resource
     import jax, jax.numpy as jnp
+    EARLY_COMPUTATION
+    import cnnjax
     from cnnjax import host_allocator
     x = jnp.ones((2048, 8192), jnp.float32)
     double = jax.jit(lambda x: x * 2.0).lower(x).compile()
@@ -45,85 +47,87 @@ def _clean_env(**extra) -> dict:
   return {**without_allocator_settings(os.environ), **extra}
 
 
-def _python(code: str, env: dict) -> list[str]:
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=300)
+def _python(code: str, env: dict, early: str = "") -> list[str]:
+  out = subprocess.run([sys.executable, "-c", code.replace("EARLY_COMPUTATION", early)],
+                       env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  return out.stdout.strip().splitlines()
+  return out.stdout.strip().splitlines()[-2:]
 
 
-def test_with_the_settings_a_compiled_call_reuses_its_buffers_instead_of_faulting_them_in():
-  without_state, without = _python(FAULTS, _clean_env())
-  with_state, with_settings = _python(FAULTS, _clean_env(**host_allocator.SETTINGS))
-  assert without_state.startswith("inactive") and with_state == "active"
+def test_importing_cnnjax_after_jax_stops_the_faults_and_opting_out_keeps_them():
+  """A plain process: `import jax`, then `import cnnjax`, no MALLOC_* variable, no launcher."""
+  with_state, with_settings = _python(FAULTS, _clean_env())
+  off_state, off = _python(FAULTS, _clean_env(CNNJAX_HOST_ALLOCATOR="0"))
+  assert with_state == "active" and off_state == "opted out (CNNJAX_HOST_ALLOCATOR=0)"
   pages = BUFFER_BYTES / PAGE
-  # Without: the 64 MiB output is faulted in on every call. With: a few calls may still
+  # Opted out: the 64 MiB output is faulted in on every call. With: a few calls may still
   # grow the heap (a late free on a busy machine); at least 16 of the 20 fault nothing.
-  assert int(without) >= 0.9 * CALLS * pages
+  assert int(off) >= 0.9 * CALLS * pages
   assert int(with_settings) <= 4 * pages
 
 
-REEXEC = ("from cnnjax import host_allocator as h\n"
-          "h.reexec()\n"
-          "print(h.state())\n"
-          "print(h.started_with())")
-
-
-def test_reexec_starts_the_command_again_once_with_the_settings():
-  state, started = _python(REEXEC, _clean_env())
-  assert state == "active" and started == repr(host_allocator.SETTINGS)
-
-
-def test_reexec_leaves_an_opt_out_and_the_users_own_settings_alone():
-  state, started = _python(REEXEC, _clean_env(CNNJAX_HOST_ALLOCATOR="0"))
-  assert state == "opted out (CNNJAX_HOST_ALLOCATOR=0)" and started == "{}"
-  state, started = _python(REEXEC, _clean_env(MALLOC_ARENA_MAX="4"))
+def test_too_late_is_said_and_the_users_own_settings_stand():
+  """After a JAX computation XLA:CPU's threads have their arenas: nothing is set, state()
+  names the fix, and the faults stay. MALLOC_* values of the user's own are left alone."""
+  late_state, late = _python(FAULTS, _clean_env(), early="jnp.ones(1).block_until_ready()")
+  assert late_state == host_allocator.TOO_LATE
+  assert "Import cnnjax before running any JAX computation" in late_state
+  assert int(late) >= 0.9 * CALLS * BUFFER_BYTES / PAGE
+  code = "import cnnjax\nfrom cnnjax import host_allocator\nprint(host_allocator.state())\nprint()"
+  state, _ = _python(code, _clean_env(MALLOC_ARENA_MAX="4"))
   assert state == "the user's own settings stand (MALLOC_ARENA_MAX=4)"
-  assert started == "{'MALLOC_ARENA_MAX': '4'}"
 
 
-def test_children_get_the_settings_unless_opted_out_or_set_by_the_user():
-  assert host_allocator.child_settings({}) == host_allocator.SETTINGS
-  assert host_allocator.child_settings({"CNNJAX_HOST_ALLOCATOR": "off"}) == {}
-  assert host_allocator.child_settings({"MALLOC_MMAP_MAX_": "8"}) == {"MALLOC_MMAP_MAX_": "8"}
-
-
-def test_with_an_accelerator_plugin_the_settings_need_asking_for(monkeypatch):
-  monkeypatch.setattr(xla_cpu, "accelerator_plugins", lambda: ["xla_cuda13"])
-  assert host_allocator.child_settings({}) == {}
-  assert host_allocator.child_settings({"CNNJAX_HOST_ALLOCATOR": "1"}) == host_allocator.SETTINGS
-  assert host_allocator.child_settings({"CNNJAX_HOST_ALLOCATOR": "0"}) == {}
-  monkeypatch.delenv(host_allocator.ENV_OPT_OUT, raising=False)
-  monkeypatch.setattr(host_allocator, "active", lambda: False)
-  assert host_allocator.state() == (
+def test_the_rule_for_opt_out_own_values_plugins_and_too_late():
+  decide = host_allocator.decide
+  assert decide({}, [], False) == "apply"
+  assert decide({"CNNJAX_HOST_ALLOCATOR": "off"}, [], False) == (
+      "opted out (CNNJAX_HOST_ALLOCATOR=off)")
+  assert decide({"MALLOC_MMAP_MAX_": "8"}, [], False) == (
+      "the user's own settings stand (MALLOC_MMAP_MAX_=8)")
+  assert decide({}, ["xla_cuda13"], False) == (
       "not applied: accelerator plugins installed (xla_cuda13); the settings were measured for "
       "XLA:CPU only (CNNJAX_HOST_ALLOCATOR=1 applies them)")
-  monkeypatch.setattr(xla_cpu, "accelerator_plugins", lambda: [])
-  assert host_allocator.child_settings({}) == host_allocator.SETTINGS
+  assert decide({"CNNJAX_HOST_ALLOCATOR": "1"}, ["xla_cuda13"], False) == "apply"
+  assert decide({}, [], True) == host_allocator.TOO_LATE
+  assert decide({}, [], False, is_supported=False) == "not applicable (not Linux with glibc)"
 
 
-def test_ray_trial_workers_start_with_the_settings(monkeypatch):
-  for name in host_allocator.SETTINGS:
-    monkeypatch.delenv(name, raising=False)
+def test_a_refused_mallopt_is_one_warning_naming_it(monkeypatch):
+  monkeypatch.setitem(host_allocator._state, "state", "not applied yet")
+  monkeypatch.setattr(host_allocator, "decide", lambda *args: "apply")
+  monkeypatch.setattr(host_allocator, "_mallopt",
+                      lambda: lambda parameter, value: 0 if parameter == -8 else 1)
+  with pytest.warns(UserWarning, match=r"mallopt refused M_ARENA_MAX;") as caught:
+    assert host_allocator.apply() == "partly applied: mallopt refused M_ARENA_MAX"
+  assert len(caught) == 1
+
+
+def test_ray_trial_workers_carry_the_drivers_choices(monkeypatch):
+  for name in list(os.environ):
+    if name.startswith("MALLOC_"):
+      monkeypatch.delenv(name)
   monkeypatch.delenv(host_allocator.ENV_OPT_OUT, raising=False)
   launcher = launch.RayLauncher.__new__(launch.RayLauncher)
   launcher.resources = {"CPU": 1.0}
-  assert host_allocator.SETTINGS.items() <= launcher._worker_env().items()
+  env = launcher._worker_env()
+  assert host_allocator.ENV_OPT_OUT not in env and not host_allocator.users_own(env)
   monkeypatch.setenv(host_allocator.ENV_OPT_OUT, "0")
-  assert not set(host_allocator.SETTINGS) & set(launcher._worker_env())
+  monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+  env = launcher._worker_env()
+  assert env[host_allocator.ENV_OPT_OUT] == "0" and env["MALLOC_ARENA_MAX"] == "2"
 
 
 def test_a_bad_opt_out_value_names_the_valid_ones():
   with pytest.raises(ValueError, match=r"CNNJAX_HOST_ALLOCATOR='maybe' is neither on nor off: "
                                        r"set it to 0 .* or 1"):
-    host_allocator.child_settings({"CNNJAX_HOST_ALLOCATOR": "maybe"})
-  # Both entry points that start again with the settings: one line, no traceback.
-  for command in (["experiments.run", "--list"], ["benchmarks.train_step", "--help"]):
-    out = subprocess.run([sys.executable, "-m", *command], cwd=REPO,
-                         env=_clean_env(CNNJAX_HOST_ALLOCATOR="maybe"), capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 2 and out.stdout == "", command
-    assert out.stderr.strip().splitlines() == [
-        "error: CNNJAX_HOST_ALLOCATOR='maybe' is neither on nor off: set it to 0 to start "
-        "without the allocator settings, or 1 to use them (unset: used unless a JAX "
-        "accelerator plugin is installed)"], command
+    host_allocator.decide({"CNNJAX_HOST_ALLOCATOR": "maybe"}, [], False)
+  # The command line: one line, no traceback.
+  out = subprocess.run([sys.executable, "-m", "experiments.run", "--list"], cwd=REPO,
+                       env=_clean_env(CNNJAX_HOST_ALLOCATOR="maybe"), capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 2 and out.stdout == ""
+  assert out.stderr.strip().splitlines() == [
+      "error: CNNJAX_HOST_ALLOCATOR='maybe' is neither on nor off: set it to 0 to run "
+      "without the allocator settings, or 1 to use them (unset: used unless a JAX "
+      "accelerator plugin is installed)"]

@@ -74,6 +74,7 @@ def _tfds():
 
 
 def embedded_names() -> tuple[str, ...]:
+  """The embedded datasets' names, sorted: prepared on first use, no download."""
   from cnnjax.data import builders  # noqa: PLC0415
 
   return tuple(sorted(builders.EMBEDDED))
@@ -201,6 +202,10 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None, progress: bool
 
 def info(name: str, data_dir: str | os.PathLike | None = None, progress: bool = True,
          backend: str = "grain") -> DatasetInfo:
+  """The `DatasetInfo` (classes, image shape, split sizes) of dataset `name` in `data_dir`
+  (default: `resolve_data_dir`), preparing an embedded dataset first. Raises
+  `DatasetError` for an unknown name (with the closest ones) or an unprepared catalog
+  dataset (with the command that prepares it)."""
   dataset_builder = builder(name, data_dir, progress=progress, backend=backend)
   features = dataset_builder.info.features
   if "image" not in features or "label" not in features:

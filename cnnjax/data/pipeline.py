@@ -199,6 +199,7 @@ def train_iterator(batches: TrainBatches, num_steps: int, num_workers: int = 0,
 
 def eval_iterator(batches: EvalBatches, num_workers: int = 0, num_threads: int = 1,
                   prefetch: int = 2):
+  """A grain iterator over all of `batches` (`EvalBatches`) in order, once."""
   return iter(_dataset(0, batches.num_batches, batches, num_workers, num_threads, prefetch))
 
 

@@ -191,6 +191,7 @@ def _main(argv: list[str]) -> int:
   from cnnjax import host_allocator  # noqa: PLC0415
 
   print(f"host allocator: {host_allocator.state()}", flush=True)
+  host_allocator.warn_if_too_late()
   if values.merge_from:
     _merge(pathlib.Path(values.merge_from), workdir)
   from cnnjax.experiments import launch  # noqa: PLC0415

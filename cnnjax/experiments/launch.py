@@ -128,8 +128,11 @@ class RayLauncher:
                         f"have {[{k: v for k, v in n.items() if not k.startswith('node:')} for n in nodes]}")
 
   def _worker_env(self) -> dict:
-    # Workers start from the raylet, not from this process: they need the allocator settings.
-    env = {"PYTHONUNBUFFERED": "1", **host_allocator.child_settings()}
+    # Workers start from the raylet, not from this process: the driver's choices about the
+    # allocator (an opt-out, MALLOC_* values of its own) go with them; `import cnnjax` in the
+    # worker does the rest.
+    env = {"PYTHONUNBUFFERED": "1", **host_allocator.users_own(os.environ),
+           **{k: v for k, v in os.environ.items() if k == host_allocator.ENV_OPT_OUT}}
     env.update(gpu_memory_env(self.resources.get("GPU", 0.0)))
     flags = os.environ.get("XLA_FLAGS", "")
     if _FORCED_DEVICES.search(flags):  # a trial sees the host devices its CPUs pay for

@@ -47,7 +47,11 @@ class BlockSpec:
 
 
 def decode_stage(text: str) -> StageSpec:
-  """Parses one stage string; raises ValueError naming the bad field."""
+  """The `StageSpec` one stage string describes; `ValueError` naming a bad field.
+
+  >>> decode_stage("mb_r2_k3_s22_e6_i16_o24_se0.25").repeats
+  2
+  """
   kind, *fields = text.split("_")
   if kind not in _KINDS:
     raise ValueError(f"stage {text!r}: block type {kind!r} is not one of {_KINDS}")

@@ -10,6 +10,7 @@ can write those step numbers again) — moved, never deleted.
 
 `Checkpoints` is what a training run writes through. It survives the two
 ways a long run on shared, preemptible machines loses a save:
+
 - A process suspended (SIGSTOP, a paused VM, a Slurm suspend) in the middle of
   an asynchronous commit outlives Orbax's commit timeout, which counts
   wall-clock time: the commit fails when the process continues, though

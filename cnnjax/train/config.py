@@ -9,6 +9,7 @@ Fields left `None` take the value from the model's or the dataset's info
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
@@ -18,6 +19,17 @@ PARALLELISMS = ("jit", "pmap")
 
 
 def default_config() -> ml_collections.ConfigDict:
+  """A new, locked ConfigDict of every training knob with its default (`KEY_DOCS` and the
+  documentation's config reference say what each means). Assigning an unknown key raises,
+  naming the closest one.
+
+  >>> config = default_config()
+  >>> config.optimizer.name = "adamw"
+  >>> config.optimizer.nmae = "sgd"
+  Traceback (most recent call last):
+  ...
+  AttributeError: ...Did you mean "name" instead of "nmae"?...
+  """
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -228,3 +240,150 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict:
   """`config.model_overrides` as keyword arguments for `create_model` (sequences as tuples)."""
   return {k: tuple(v) if isinstance(v, list) else v
           for k, v in config.model_overrides.to_dict().items()}
+
+
+# What each key of `default_config()` means: the documentation's config reference is made
+# from these and the defaults themselves (`describe`), and a test fails on a key without one.
+KEY_DOCS = {
+    "seed": "Seeds initialisation, the data order and every per-step key (dropout, augmentation).",
+    "model": "A registry name (`cnnjax.list_models()`), e.g. `resnet50`, `efficientnet_b0`, "
+             "or a generic family (`efficientnet` with `model_overrides.width/depth`).",
+    "model_overrides": "Constructor fields of the model, any the module has (e.g. "
+                       "`widths=(8, 16, 32)`, `zero_init_residual=True`); unknown ones are an "
+                       "error naming the valid ones.",
+    "data.dataset": "An embedded dataset (`digits`, `mnist5k`, `gratings/<R>px`, "
+                    "`scenes/<R>px`), a TFDS catalog name prepared as array_record, or "
+                    "`folder:/path` (a folder of images, one subfolder per class).",
+    "data.data_dir": "Where datasets are prepared: else `$CNNJAX_DATA_DIR`, else "
+                     "`~/tensorflow_datasets`.",
+    "data.backend": "`grain` (array_record, no TensorFlow) or `tf` (`tfds.load`; needs "
+                    "TensorFlow).",
+    "data.train_split": "The split trained on (TFDS split syntax, e.g. `train[:90%]`).",
+    "data.eval_split": "The split evaluated on.",
+    "data.num_classes": "The classifier's size; None: the dataset's number of classes.",
+    "data.image_size": "The model's input size; None: the model's own (its `input_size`).",
+    "data.train_crop": "`random_resized` (Inception-style), `pad_crop` (CIFAR-style) or "
+                       "`resize`.",
+    "data.crop_scale": "The random resized crop's range of area fractions.",
+    "data.pad": "Padding of `pad_crop`, in pixels.",
+    "data.flip": "Random horizontal flips in training.",
+    "data.rand_augment_ops": "RandAugment's N, operations per image; 0 turns it off.",
+    "data.rand_augment_magnitude": "RandAugment's M, on the paper's 0..30 scale.",
+    "data.crop_fraction": "Evaluation's centre crop as a share of the resized shorter side; "
+                          "None: the model's.",
+    "data.interpolation": "`bilinear`, `bicubic` or `nearest`; None: the model's.",
+    "data.mean": "Per-channel mean on the 0..1 scale; None: the model's.",
+    "data.std": "Per-channel standard deviation on the 0..1 scale; None: the model's.",
+    "data.augment_on": "Where crop, flip and RandAugment run: `host` (grain workers, PIL) or "
+                       "`device` (in the jitted step). None: `device` on GPU and TPU, `host` on "
+                       "the CPU (`cnnjax.data.default_augment_on`).",
+    "data.device_resident": "Put the training split on the devices once, as uint8; each step "
+                            "gathers and augments its rows there, and the host does nothing "
+                            "per step. Needs images of one size.",
+    "data.device_memory_share": "The largest share of one device's memory a resident split "
+                                "may take; a bigger split stays on the host, with a warning "
+                                "giving both sizes.",
+    "data.mixup_alpha": "timm's mixup: Beta(alpha, alpha) for the mixing weight; 0 turns it "
+                        "off.",
+    "data.cutmix_alpha": "timm's cutmix: Beta(alpha, alpha) for the kept area; 0 turns it off.",
+    "data.mix_prob": "The probability that a batch is mixed (mixup or cutmix).",
+    "data.switch_prob": "With both on, the probability of cutmix rather than mixup.",
+    "data.erase_prob": "timm's random erasing: the probability per image (after "
+                       "normalisation); 0 turns it off.",
+    "data.erase_mode": "What erasing fills in: `pixel` (per-pixel noise), `rand` (one noise "
+                       "colour) or `const` (zeros).",
+    "data.in_memory": "Decode each split once and hold the arrays (images of one size that fit "
+                      "in memory).",
+    "data.num_workers": "grain worker processes; None: every usable core on an accelerator, "
+                        "0 on the CPU (`cnnjax.data.default_workers`).",
+    "data.num_threads": "grain reader threads per process.",
+    "data.prefetch": "Batches prepared ahead, on the host and on the devices.",
+    "batch_size": "The global batch, over all devices of all processes.",
+    "eval_batch_size": "The evaluation batch; None: `batch_size`.",
+    "num_epochs": "How long to train, in epochs (fractions allowed).",
+    "num_steps": "How long to train, in steps; overrides `num_epochs` when set.",
+    "optimizer.name": "`sgd`, `rmsprop` (the original EfficientNet's), `adam`, `adamw`, "
+                      "`lars` or `lamb`.",
+    "optimizer.learning_rate": "The peak learning rate (per 256 images with `scale_by_batch`).",
+    "optimizer.scale_by_batch": "Scale the learning rate by batch_size / 256.",
+    "optimizer.momentum": "SGD's and RMSProp's momentum.",
+    "optimizer.nesterov": "Nesterov momentum for SGD.",
+    "optimizer.rms_decay": "RMSProp's decay of the squared-gradient average.",
+    "optimizer.eps": "The optimizer's epsilon; None: its own default.",
+    "optimizer.b1": "Adam's, AdamW's and LAMB's first-moment decay.",
+    "optimizer.b2": "Adam's, AdamW's and LAMB's second-moment decay.",
+    "optimizer.trust_coefficient": "LARS's trust coefficient.",
+    "optimizer.weight_decay": "Weight decay; BatchNorm parameters and biases are spared.",
+    "optimizer.weight_decay_mode": "`coupled` (an L2 term in the loss) or `decoupled` "
+                                   "(applied to the weights, as AdamW).",
+    "optimizer.clip_norm": "Clip gradients to this global norm; None: no clipping.",
+    "optimizer.schedule": "`constant`, `multistep`, `cosine` or `exponential`, after any "
+                          "warmup.",
+    "optimizer.warmup_epochs": "Linear warmup from 0, in epochs.",
+    "optimizer.boundaries_epochs": "`multistep`'s boundaries, in epochs.",
+    "optimizer.decay_factor": "`multistep`'s factor at each boundary.",
+    "optimizer.decay_epochs": "`exponential`'s period, in epochs.",
+    "optimizer.decay_rate": "`exponential`'s factor per period.",
+    "optimizer.final_fraction": "`cosine`'s final rate as a share of the peak.",
+    "init_from": "Start from pretrained weights (any file `cnnjax.load_weights` reads); a "
+                 "classifier of another size starts afresh. A resumed run reads its own "
+                 "checkpoints instead.",
+    "freeze_body": "With `init_from`: train the classifier only; the body keeps its weights and "
+                   "runs in inference mode.",
+    "label_smoothing": "Label smoothing of the training targets (mixed targets too).",
+    "aux_loss_weight": "The weight of auxiliary classifiers' losses (GoogLeNet).",
+    "ema_decay": "Above 0: keep an exponential moving average of weights and BatchNorm "
+                 "statistics, and evaluate it.",
+    "dtype": "The compute dtype: `float32`, `bfloat16` or `float16` (with dynamic loss "
+             "scaling); parameters stay float32.",
+    "initial_loss_scale": "float16's initial dynamic loss scale.",
+    "parallelism": "`jit` (one step over a Mesh with NamedSharding) or `pmap` (the same "
+                   "numbers).",
+    "ghost_batch_norm": "BatchNorm statistics per device rather than of the global batch.",
+    "fast_compile": "XLA optimisation level 0: faster compiles, slower steps (smoke runs).",
+    "eval_every_epochs": "How often to evaluate (and checkpoint), in epochs.",
+    "log_every_steps": "How often to log training metrics, in steps.",
+    "checkpoint_every_epochs": "Also checkpoint this often between evaluations; None: only at "
+                               "evaluations.",
+    "keep_checkpoints": "How many of the newest checkpoints to keep.",
+    "best_metric": "Also keep the best checkpoint by this evaluation metric (e.g. `top1`, or "
+                   "`loss`, lower is better); None: no best checkpoint.",
+    "async_checkpoint": "Write checkpoints in the background (Orbax's asynchronous save).",
+    "checkpoint_timeout_seconds": "Orbax's limit on an asynchronous commit (None: its "
+                                  "1,200 s); a suspended process exceeds it and the run "
+                                  "writes that checkpoint again.",
+    "save_on_signals": "Signals that end a run after its current step with a checkpoint and "
+                       "exit code 75 (`cnnjax.train.preemption`); `()` turns this off.",
+    "progress_bar": "A progress bar on a terminal (plain lines in a log file).",
+    "tensorboard": "Write TensorBoard events beside `metrics.jsonl`.",
+    "stop_after_steps": "Stop (with a checkpoint) after this step, to resume later; the run's "
+                        "result is unchanged.",
+    "distributed.coordinator_address": "`host:port` of process 0 for "
+                                       "`jax.distributed.initialize`; else "
+                                       "`$JAX_COORDINATOR_ADDRESS`; None: one process.",
+    "distributed.num_processes": "The number of processes; else `$JAX_NUM_PROCESSES`.",
+    "distributed.process_id": "This process's index; else `$JAX_PROCESS_ID`.",
+}
+
+
+def flat_keys(config: ml_collections.ConfigDict) -> dict:
+  """Every leaf key of `config` (dotted) with its value; an empty group is a key of its own."""
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict) and len(value):
+      out.update({f"{key}.{k}": v for k, v in flat_keys(value).items()})
+    else:
+      out[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+  return out
+
+
+def describe(config: ml_collections.ConfigDict | None = None) -> list[tuple[str, Any, str]]:
+  """(key, default, meaning) for every key of `config` (default: `default_config()`), in
+  order; the meaning is "" where `KEY_DOCS` has none.
+
+  >>> keys = {key: (default, meaning) for key, default, meaning in describe()}
+  >>> keys["optimizer.name"][0], keys["optimizer.name"][1].split(",")[0]
+  ('sgd', '`sgd`')
+  """
+  config = default_config() if config is None else config
+  return [(key, value, KEY_DOCS.get(key, "")) for key, value in flat_keys(config).items()]

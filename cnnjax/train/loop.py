@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from cnnjax import registry
 from cnnjax import data as data_lib
 from cnnjax.data import datasets as datasets_lib
-from cnnjax import fileio
+from cnnjax import fileio, host_allocator
 from cnnjax import lease as lease_lib
 from cnnjax.train import checkpoint as checkpoint_lib
 from cnnjax.train import config as config_lib
@@ -467,8 +467,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   holds the workdir's lease (`cnnjax.lease`, process 0 of a multi-process run)
   from before its first write: a second run on the same workdir is refused
   with `WorkdirBusyError` and touches nothing.
+
+  Returns the last evaluation's metrics (`top1`, `top5`, `loss`, `count`) with `step`,
+  `total_steps`, `devices`, `train_loss`, `train_accuracy`, `compile_seconds`,
+  `train_seconds` and `images_per_second`. Raises `ValueError` for a bad config value
+  (naming the key), `ConfigMismatchError` where the workdir holds another config's run,
+  `NonFiniteLossError` at a NaN or infinite loss, `DatasetError` for data that is not
+  prepared, `checkpoint.DiskFullError` when a checkpoint does not fit, and
+  `preemption.Preempted` (a `SystemExit`, code 75) after a scheduler's signal.
   """
   config_lib.validate(config)
+  host_allocator.warn_if_too_late()
   initialize_distributed(config)
   workdir = pathlib.Path(workdir).expanduser().absolute()
   with preemption.watch(config.save_on_signals):

@@ -41,6 +41,8 @@ PYTORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 
 def read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+  """The tensors of the safetensors file `path` as NumPy arrays, by name. Raises
+  `WeightsError` for a truncated or malformed file, naming it."""
   data = path.read_bytes()
   where = f"{path} is not a complete safetensors file"
   if len(data) < 8:
@@ -101,6 +103,8 @@ def safetensors_bytes(tensors: Mapping[str, np.ndarray],
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                       metadata: Mapping[str, str] | None = None) -> None:
+  """Writes `tensors` (name -> array) and string `metadata` as a safetensors file at
+  `path`, atomically: a reader never sees half a file."""
   fileio.write_atomically(path, safetensors_bytes(tensors, metadata))
 
 

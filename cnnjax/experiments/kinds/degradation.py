@@ -42,6 +42,11 @@ def _check(config) -> None:
 
 @register("degradation")
 def run(config, workdir, trial, command) -> dict:
+  """Runs the experiment: plain and residual networks of two depths, several seeds each: training error and loss curves, plateaus, which deeper network trains worse or better beyond the seeds' spread.
+
+  `config` is the experiment's ConfigDict, `workdir` its directory, `trial` a trial index
+  to run alone (None: all, then the report), `command` the command line recorded in the
+  report. Returns the summary written to `results.json`."""
   _check(config)
   num_classes = common.num_classes(config.train)
   models = [Trial(name, {"model": name}, {"model": name, "depth": _depth(name)})

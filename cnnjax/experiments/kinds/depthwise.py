@@ -45,6 +45,11 @@ def block_cost_ratio(config, num_classes: int) -> dict:
 
 @register("depthwise")
 def run(config, workdir, trial, command) -> dict:
+  """Runs the experiment: MobileNet v1 against its standard-convolution twin: parameters, FLOPs, accuracy, and the measured cost ratio against 1/N + 1/k^2.
+
+  `config` is the experiment's ConfigDict, `workdir` its directory, `trial` a trial index
+  to run alone (None: all, then the report), `command` the command line recorded in the
+  report. Returns the summary written to `results.json`."""
   num_classes = common.num_classes(config.train)
   trials = [Trial("separable", {"model_overrides.separable": True}, {"convolution": "separable"}),
             Trial("standard", {"model_overrides.separable": False}, {"convolution": "standard"})]

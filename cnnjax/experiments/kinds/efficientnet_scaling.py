@@ -135,6 +135,11 @@ def _mean_accuracy(records: list[dict]) -> dict[str, float]:
 
 @register("efficientnet_scaling")
 def run(config, workdir, trial, command) -> dict:
+  """Runs the experiment: the grid search of alpha, beta, gamma at phi = 1, then compound against width-, depth- and resolution-only scaling at each phi, every point fitted to its FLOPs.
+
+  `config` is the experiment's ConfigDict, `workdir` its directory, `trial` a trial index
+  to run alone (None: all, then the report), `command` the command line recorded in the
+  report. Returns the summary written to `results.json`."""
   base = _scaling_base(config)
   nominal, candidates = scaling_plan(config)
   num_classes = common.num_classes(config.train)

@@ -66,6 +66,11 @@ def export_pretrained(train_config, trial_workdir: pathlib.Path, path: pathlib.P
 
 @register("finetune")
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, trial, command) -> dict:
+  """Runs the experiment: pretrained weights fine-tuned, as a linear probe, and from scratch on the same budget.
+
+  `config` is the experiment's ConfigDict, `workdir` its directory, `trial` a trial index
+  to run alone (None: all, then the report), `command` the command line recorded in the
+  report. Returns the summary written to `results.json`."""
   target_classes = common.num_classes(config.train)
   measure = common.measurer(target_classes)
   records, first = [], 0

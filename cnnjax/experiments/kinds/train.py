@@ -9,6 +9,11 @@ from cnnjax.experiments.sweep import DONE
 
 @register("train")
 def run(config, workdir, trial, command) -> dict:
+  """Runs the experiment: one training run of `config.train` (no sweep).
+
+  `config` is the experiment's ConfigDict, `workdir` its directory, `trial` a trial index
+  to run alone (None: all, then the report), `command` the command line recorded in the
+  report. Returns the summary written to `results.json`."""
   from cnnjax.train import train_and_evaluate  # noqa: PLC0415
 
   if trial is not None:

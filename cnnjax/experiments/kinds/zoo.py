@@ -12,6 +12,11 @@ ZOO_COLUMNS = ["trial", "name", "model", "resolution", "params", "flops", "accur
 
 @register("zoo")
 def run(config, workdir, trial, command) -> dict:
+  """Runs the experiment: one short training per family at one resolution: parameters, FLOPs, accuracy, images/s.
+
+  `config` is the experiment's ConfigDict, `workdir` its directory, `trial` a trial index
+  to run alone (None: all, then the report), `command` the command line recorded in the
+  report. Returns the summary written to `results.json`."""
   num_classes = common.num_classes(config.train)
   trials = common.config_trials(config)
   records = run_sweep(config.train, workdir, trials, trial, common.measurer(num_classes))
