@@ -2,12 +2,15 @@
 # The GPU numbers in BENCHMARKS.md, in one bounded run on a machine with jax's CUDA plugin,
 # PyTorch, torchvision and timm (Python 3.12, jax 0.11.x):
 #
-#   bash benchmarks/gpu_check.sh [OUT_DIR [PART...]]     PART: bf16 smoke fp32 pipeline (all)
+#   bash benchmarks/gpu_check.sh [OUT_DIR [PART...]]     PART: bf16 smoke fp32 pipeline jpeg resident
+#                                                        (default: all but fp32)
 #
 # 1. bf16: the accelerator benchmark in bfloat16 (ResNet-50 and EfficientNet-B0, 224 px,
 #    batch 128 and 256, against PyTorch on the same card), 2. smoke: `efficientnet_scaling:smoke`
 #    on the GPU, 3. fp32: the same benchmark in float32, 4. pipeline: the input pipeline at
-#    224 px with 0-12 grain workers. Each part has its own time limit, so one slow part cannot
+#    224 px with 0-12 grain workers, 5. jpeg: ResNet-50 bfloat16 trained from a JPEG folder
+#    against synthetic data (benchmarks.jpeg_training; goal >= 0.9), 6. resident: the sweep's
+#    base trial host-fed against device-resident (benchmarks.device_resident). Each part has its own time limit, so one slow part cannot
 #    take the others' time, and the benchmark rewrites its JSON after every row. The limits
 #    add up to 16 minutes (on an H100 machine EfficientNet-B0's step had not compiled and
 #    warmed up in 105 s), more than one 10-minute device call: name the parts to split them. Packages
@@ -16,10 +19,11 @@
 set -u
 out=${1:-${OUT:-benchmarks/results/gpu_check}}
 shift $(( $# > 0 ? 1 : 0 ))
-parts=${*:-bf16 smoke fp32 pipeline}
+parts=${*:-bf16 smoke pipeline jpeg resident}
 for name in $parts; do
-  case $name in bf16|smoke|fp32|pipeline) ;;
-    *) echo "unknown part '$name': choose from bf16 smoke fp32 pipeline" >&2; exit 2 ;; esac
+  case $name in bf16|smoke|fp32|pipeline|jpeg|resident) ;;
+    *) echo "unknown part '$name': choose from bf16 smoke fp32 pipeline jpeg resident" >&2
+       exit 2 ;; esac
 done
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -59,7 +63,10 @@ for name in $parts; do
     pipeline) part 120 pipeline python3 -m benchmarks.accelerator --models '' \
                 --dtypes bfloat16 --pipeline_workers 0,4,8,12 --pipeline_batches 24 \
                 --output accelerator_pipeline ;;
+    jpeg) part 240 jpeg_training python3 -m benchmarks.jpeg_training --steps 80 ;;
+    resident) part 240 device_resident python3 -m benchmarks.device_resident --steps 300 ;;
   esac
 done
-cp benchmarks/results/accelerator_*.json "$out/" 2>/dev/null
+cp benchmarks/results/accelerator_*.json benchmarks/results/jpeg_training.json \
+   benchmarks/results/device_resident.json "$out/" 2>/dev/null
 ls -la "$out"

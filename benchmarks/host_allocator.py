@@ -2,7 +2,8 @@
 
     python -m benchmarks.host_allocator [--rounds 3] [--variants 'default;off']
 
-Each measurement is a fresh Python process written as a user would write it:
+Each measurement is a fresh Python process (`cnnjax.host_allocator.PROBE`) written as a
+user would write it:
 `import jax, jax.numpy as jnp, optax`, then `import cnnjax`, then the user's own
 `jax.jit` SGD step of a cnnjax model (no cnnjax training code). Variants, as
 environment: `default` (nothing set: cnnjax applies its settings at import), `off`
@@ -21,51 +22,9 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
-import textwrap
 
 from benchmarks import common
-
-CHILD = textwrap.dedent("""
-    import json, resource, sys, time
-    import jax, jax.numpy as jnp, optax
-    import cnnjax
-    from cnnjax import host_allocator
-    name, size, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    model = cnnjax.create_model(name, num_classes=10)
-    x = jnp.ones((16, size, size, 3)); y = jnp.zeros((16,), jnp.int32)
-    variables = model.init(jax.random.key(0), x[:1], train=False)
-    tx = optax.sgd(0.01, momentum=0.9)
-    state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
-
-    @jax.jit
-    def step(state, x, y):
-      params, stats, opt = state
-      def loss(p):
-        logits, new = model.apply({"params": p, "batch_stats": stats}, x, train=True,
-                                  mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)})
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new
-      (value, new), grads = jax.value_and_grad(loss, has_aux=True)(params)
-      updates, opt = tx.update(grads, opt, params)
-      return (optax.apply_updates(params, updates), new["batch_stats"], opt), value
-
-    start = time.perf_counter()
-    state, value = step(state, x, y); jax.block_until_ready(value)
-    first = time.perf_counter() - start
-    for _ in range(3):
-      state, value = step(state, x, y); jax.block_until_ready(value)
-    times, faults = [], []
-    for _ in range(steps):
-      before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-      start = time.perf_counter()
-      state, value = step(state, x, y); jax.block_until_ready(value)
-      times.append(time.perf_counter() - start)
-      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(json.dumps({"state": host_allocator.state(), "first_step_s": first,
-                      "faults_per_step": sorted(faults)[len(faults) // 2],
-                      "step_s": sorted(times)[len(times) // 2]}))
-""")
+from cnnjax import host_allocator
 
 CASES = (("faults", "mobilenet_v2", 128, 6), ("first_step", "resnet18", 64, 1),
          ("first_step", "efficientnet_b0", 64, 1))
@@ -84,12 +43,7 @@ def _variant_env(spec: str) -> tuple[str, dict]:
 
 
 def measure(spec: str, model: str, size: int, steps: int) -> dict:
-  _, env = _variant_env(spec)
-  out = subprocess.run([sys.executable, "-c", CHILD, model, str(size), str(steps)], env=env,
-                       capture_output=True, text=True, timeout=900)
-  if out.returncode:
-    raise RuntimeError(out.stderr[-3000:])
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return host_allocator.probe(_variant_env(spec)[1], model, size, steps)
 
 
 def main(argv=None) -> None:

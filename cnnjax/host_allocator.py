@@ -27,14 +27,23 @@ not. So no launcher and no re-execution is needed anywhere. Not applied:
   in 2 minutes of wall time without finishing its first trial;
 - where JAX's backends started before `import cnnjax` ("too late": `state()`
   says so, and the training loop and `python -m experiments.run` print one
-  line naming the fix).
+  line naming the fix);
+- where this machine measured its steps no faster with them
+  (`python -m cnnjax.host_allocator --measure`, kept in the CPU's tuning table:
+  `cnnjax.models.tuning`). Unmeasured machines get them.
 
 `state()` says which.
 
 Cost. The process keeps its peak heap until it exits, as a caching allocator
 does (the heap settles after a few steps), and its threads share one arena's
-lock, which makes compilation, which allocates from several threads, somewhat
-slower (BENCHMARKS.md measures the first step, compile and run, both ways).
+lock. XLA:CPU compiles on its own threads (`llvm-worker-*`) and runs steps on
+others (`tf_XLAEigen`, where the faults are); with one arena both contend for
+the one lock, and no setting reachable from a running process gives the step
+threads the main arena and the compiler threads their own (glibc binds a
+thread to an arena at its first malloc and caches the arena limit). So
+compilation is slower with them: 1.4-1.5x the first step on a Sapphire Rapids
+Xeon, 1.2x on an AMD EPYC (BENCHMARKS.md). Where the steps gain nothing to
+pay for that, the measurement turns them off for that machine.
 """
 
 from __future__ import annotations
@@ -88,8 +97,11 @@ def users_own(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def decide(env: Mapping[str, str], plugins: list[str], backends_started: bool,
-           is_supported: bool = True) -> str:
-  """"apply", or why not: the rule of the module docstring, as a pure function."""
+           is_supported: bool = True, measured: str | None = None) -> str:
+  """"apply", or why not: the rule of the module docstring, as a pure function.
+
+  `measured` is this machine's recorded choice ("on", "off" or None: not measured).
+  """
   requested = _requested(env)
   if not is_supported:
     return "not applicable (not Linux with glibc)"
@@ -100,6 +112,9 @@ def decide(env: Mapping[str, str], plugins: list[str], backends_started: bool,
   if plugins and not requested:
     return (f"not applied: accelerator plugins installed ({', '.join(plugins)}); the settings "
             f"were measured for XLA:CPU only ({ENV_OPT_OUT}=1 applies them)")
+  if measured == "off" and not requested:
+    return ("not applied: this machine measured its steps no faster with them (python -m "
+            f"cnnjax.host_allocator --measure; {ENV_OPT_OUT}=1 applies them)")
   if backends_started:
     return TOO_LATE
   return "apply"
@@ -117,7 +132,8 @@ def apply() -> str:
   if _state["state"] != "not applied yet":
     return state()
   decision = decide(os.environ, xla_cpu.accelerator_plugins() if supported() else [],
-                    xla_cpu._backends_started() if "jax" in sys.modules else False, supported())
+                    xla_cpu._backends_started() if "jax" in sys.modules else False, supported(),
+                    measured_choice())
   if decision != "apply":
     _state["state"] = decision
     return decision
@@ -150,7 +166,131 @@ def warn_if_too_late() -> None:
     log.warning("host allocator: %s", TOO_LATE)
 
 
-if __name__ == "__main__":
-  import cnnjax  # noqa: F401  (applies them)
+# -- the per-machine measurement ------------------------------------------------------------
 
-  print(state())
+TUNING_ENTRY = "host_allocator"
+# Steps at least this much faster with the settings, or they are left off on this machine.
+GAIN = 0.05
+
+# A user's own program: import jax, then cnnjax, then a plain jax.jit SGD step of a cnnjax
+# model. Prints the state, the first call's seconds (trace, compile, run), and the median
+# step time and minor faults over `steps` steps after 3 of warm-up.
+PROBE = """
+import json, resource, sys, time
+import jax, jax.numpy as jnp, optax
+import cnnjax
+from cnnjax import host_allocator
+name, size, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+model = cnnjax.create_model(name, num_classes=10)
+x = jnp.ones((16, size, size, 3)); y = jnp.zeros((16,), jnp.int32)
+variables = jax.jit(lambda: model.init(jax.random.key(0), x[:1], train=False))()
+tx = optax.sgd(0.01, momentum=0.9)
+state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
+
+@jax.jit
+def step(state, x, y):
+  params, stats, opt = state
+  def loss(p):
+    logits, new = model.apply({"params": p, "batch_stats": stats}, x, train=True,
+                              mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new
+  (value, new), grads = jax.value_and_grad(loss, has_aux=True)(params)
+  updates, opt = tx.update(grads, opt, params)
+  return (optax.apply_updates(params, updates), new["batch_stats"], opt), value
+
+start = time.perf_counter()
+state, value = step(state, x, y); jax.block_until_ready(value)
+first = time.perf_counter() - start
+for _ in range(3):
+  state, value = step(state, x, y); jax.block_until_ready(value)
+times, faults = [], []
+for _ in range(steps):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  start = time.perf_counter()
+  state, value = step(state, x, y); jax.block_until_ready(value)
+  times.append(time.perf_counter() - start)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"state": host_allocator.state(), "first_step_s": first,
+                  "faults_per_step": sorted(faults)[len(faults) // 2],
+                  "step_s": sorted(times)[len(times) // 2]}))
+"""
+
+
+def probe(env: Mapping[str, str], model: str = "mobilenet_v2", size: int = 128,
+          steps: int = 6) -> dict:
+  """`PROBE` run in a fresh process with environment `env`: its state, first-step seconds,
+  median step seconds and minor faults per step. Raises RuntimeError with its stderr."""
+  import json  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+
+  out = subprocess.run([sys.executable, "-c", PROBE, model, str(size), str(steps)],
+                       env=dict(env), capture_output=True, text=True, timeout=900)
+  if out.returncode:
+    raise RuntimeError(out.stderr[-3000:])
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _probe_env(on: bool) -> dict[str, str]:
+  env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+  env[ENV_OPT_OUT] = "1" if on else "0"
+  env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+  return env
+
+
+def measure(rounds: int = 2) -> dict:
+  """Times `PROBE` (MobileNet v2 at 128 px) with and without the settings, interleaved, and
+  records this machine's choice in its tuning table: "on" where the median step is at least
+  `GAIN` faster with them. Returns the entry recorded."""
+  import statistics  # noqa: PLC0415
+  import time  # noqa: PLC0415
+
+  from cnnjax.models import tuning  # noqa: PLC0415
+
+  runs: dict[str, list[dict]] = {"on": [], "off": []}
+  for _ in range(rounds):
+    for variant in runs:
+      runs[variant].append(probe(_probe_env(variant == "on")))
+  median = {v: {key: statistics.median(r[key] for r in results)
+                for key in ("step_s", "first_step_s", "faults_per_step")}
+            for v, results in runs.items()}
+  step_ratio = median["on"]["step_s"] / median["off"]["step_s"]
+  entry = {"choice": "on" if step_ratio <= 1 - GAIN else "off",
+           "step_on_over_off": step_ratio,
+           "first_step_on_over_off": median["on"]["first_step_s"] / median["off"]["first_step_s"],
+           "medians": median, "probe": "mobilenet_v2, 128 px, batch 16, a plain jax.jit SGD step",
+           "measured": time.strftime("%Y-%m-%d")}
+  mode = tuning.current_mode()
+  if mode == "off":
+    raise RuntimeError("CNNJAX_TUNING=off: no tuning table to record the choice in")
+  tuning._table(mode).record(TUNING_ENTRY, entry, replace=True)
+  return entry
+
+
+def measured_choice() -> str | None:
+  """This machine's recorded choice ("on" or "off"), or None where it was never measured."""
+  try:
+    from cnnjax.models import tuning  # noqa: PLC0415
+
+    return tuning.lookup(TUNING_ENTRY)
+  except Exception as error:  # noqa: BLE001 - a table problem never stops an import
+    warnings.warn(f"cnnjax.host_allocator: the tuning table could not be read ({error})",
+                  stacklevel=3)
+    return None
+
+
+if __name__ == "__main__":
+  import argparse  # noqa: PLC0415
+  import json  # noqa: PLC0415
+
+  parser = argparse.ArgumentParser(description="cnnjax's allocator settings: the state of "
+                                   "this process, or --measure this machine's choice")
+  parser.add_argument("--measure", action="store_true", help="time a MobileNet v2 step with "
+                      "and without them (about 2 minutes) and record the choice")
+  parser.add_argument("--rounds", type=int, default=2)
+  args = parser.parse_args()
+  if args.measure:
+    print(json.dumps(measure(args.rounds), indent=1))
+  else:
+    import cnnjax  # noqa: F401  (applies them)
+
+    print(state())

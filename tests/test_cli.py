@@ -81,8 +81,10 @@ def test_a_log_file_reads_like_a_report(tmp_path):
                               "CNNJAX_DATA_DIR": str(tmp_path / "data")})
   text = log.read_text()
   assert out.returncode == 0, text[-3000:]
-  if host_allocator.supported():  # started without MALLOC_* variables: set at import
-    assert "host allocator: active" in text.splitlines()
+  if host_allocator.supported():  # started without MALLOC_* variables: set at import, unless
+    # this machine measured no gain from them
+    assert any(line == "host allocator: active" or line.startswith(
+        "host allocator: not applied: this machine measured") for line in text.splitlines())
   assert "\r" not in text and "\x1b" not in text
   assert "OpenCV" not in text and "Traceback" not in text
   assert "train step 20/20 (100%): loss " in text

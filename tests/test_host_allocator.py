@@ -44,7 +44,8 @@ FAULTS = textwrap.dedent("""
 
 
 def _clean_env(**extra) -> dict:
-  return {**without_allocator_settings(os.environ), **extra}
+  # An unmeasured machine (no tuning table): where this one measured no gain, they are off.
+  return {**without_allocator_settings(os.environ), "CNNJAX_TUNING": "off", **extra}
 
 
 def _python(code: str, env: dict, early: str = "") -> list[str]:
@@ -73,7 +74,7 @@ def test_too_late_is_said_and_the_users_own_settings_stand():
   assert late_state == host_allocator.TOO_LATE
   assert "Import cnnjax before running any JAX computation" in late_state
   assert int(late) >= 0.9 * CALLS * BUFFER_BYTES / PAGE
-  code = "import cnnjax\nfrom cnnjax import host_allocator\nprint(host_allocator.state())\nprint()"
+  code = "import cnnjax\nfrom cnnjax import host_allocator\nprint(host_allocator.state())\nprint(0)"
   state, _ = _python(code, _clean_env(MALLOC_ARENA_MAX="4"))
   assert state == "the user's own settings stand (MALLOC_ARENA_MAX=4)"
 
@@ -91,6 +92,31 @@ def test_the_rule_for_opt_out_own_values_plugins_and_too_late():
   assert decide({"CNNJAX_HOST_ALLOCATOR": "1"}, ["xla_cuda13"], False) == "apply"
   assert decide({}, [], True) == host_allocator.TOO_LATE
   assert decide({}, [], False, is_supported=False) == "not applicable (not Linux with glibc)"
+  assert decide({}, [], False, measured="off").startswith(
+      "not applied: this machine measured its steps no faster with them")
+  assert decide({"CNNJAX_HOST_ALLOCATOR": "1"}, [], False, measured="off") == "apply"
+  assert decide({}, [], False, measured="on") == "apply"
+
+
+def test_the_measurement_records_this_machines_choice_and_a_new_one_replaces_it(
+    tmp_path, monkeypatch):
+  from cnnjax.models import tuning
+
+  monkeypatch.setenv("CNNJAX_TUNING_DIR", str(tmp_path))
+  monkeypatch.delenv("CNNJAX_TUNING", raising=False)
+  monkeypatch.setattr(tuning, "_tables", {})
+  timings = {"1": 0.20, "0": 0.25}  # with them, steps 20% faster
+  monkeypatch.setattr(host_allocator, "probe", lambda env: {
+      "step_s": timings[env["CNNJAX_HOST_ALLOCATOR"]], "first_step_s": 10.0,
+      "faults_per_step": 0})
+  entry = host_allocator.measure(rounds=1)
+  assert entry["choice"] == "on" and entry["step_on_over_off"] == pytest.approx(0.8)
+  assert host_allocator.measured_choice() == "on"
+  timings["1"] = 0.25  # no gain: measured again, the choice is replaced
+  monkeypatch.setattr(tuning, "_tables", {})
+  assert host_allocator.measure(rounds=1)["choice"] == "off"
+  monkeypatch.setattr(tuning, "_tables", {})
+  assert host_allocator.measured_choice() == "off"
 
 
 def test_a_refused_mallopt_is_one_warning_naming_it(monkeypatch):

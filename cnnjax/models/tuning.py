@@ -146,7 +146,8 @@ class _Table:
                     stacklevel=4)
       return {}
 
-  def record(self, name: str, entry: dict) -> None:
+  def record(self, name: str, entry: dict, replace: bool = False) -> None:
+    """Adds `entry`; one already on disk stands unless `replace` (a deliberate remeasurement)."""
     self.entries[name] = entry
     if not self.writable:
       return
@@ -157,7 +158,7 @@ class _Table:
       if not self.writable:  # it became unreadable since: leave it alone
         return
       # Another process may have decided meanwhile: its entries stand.
-      merged = {**self.entries, **on_disk}
+      merged = {**self.entries, **on_disk, **({name: entry} if replace else {})}
       self.entries = merged
       fileio.write_atomically(self.path, json.dumps(
           {"format": FORMAT, "cpu": cpu_description(), "entries": merged}, indent=1,
