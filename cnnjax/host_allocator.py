@@ -29,7 +29,7 @@ not. So no launcher and no re-execution is needed anywhere. Not applied:
   says so, and the training loop and `python -m experiments.run` print one
   line naming the fix);
 - where this machine measured its steps no faster with them
-  (`python -m cnnjax.host_allocator --measure`, kept in the CPU's tuning table:
+  (`python -m cnnjax.measure_allocator`, kept in the CPU's tuning table:
   `cnnjax.models.tuning`). Unmeasured machines get them.
 
 `state()` says which.
@@ -114,7 +114,7 @@ def decide(env: Mapping[str, str], plugins: list[str], backends_started: bool,
             f"were measured for XLA:CPU only ({ENV_OPT_OUT}=1 applies them)")
   if measured == "off" and not requested:
     return ("not applied: this machine measured its steps no faster with them (python -m "
-            f"cnnjax.host_allocator --measure; {ENV_OPT_OUT}=1 applies them)")
+            f"cnnjax.measure_allocator; {ENV_OPT_OUT}=1 applies them)")
   if backends_started:
     return TOO_LATE
   return "apply"
@@ -276,21 +276,3 @@ def measured_choice() -> str | None:
     warnings.warn(f"cnnjax.host_allocator: the tuning table could not be read ({error})",
                   stacklevel=3)
     return None
-
-
-if __name__ == "__main__":
-  import argparse  # noqa: PLC0415
-  import json  # noqa: PLC0415
-
-  parser = argparse.ArgumentParser(description="cnnjax's allocator settings: the state of "
-                                   "this process, or --measure this machine's choice")
-  parser.add_argument("--measure", action="store_true", help="time a MobileNet v2 step with "
-                      "and without them (about 2 minutes) and record the choice")
-  parser.add_argument("--rounds", type=int, default=2)
-  args = parser.parse_args()
-  if args.measure:
-    print(json.dumps(measure(args.rounds), indent=1))
-  else:
-    import cnnjax  # noqa: F401  (applies them)
-
-    print(state())
