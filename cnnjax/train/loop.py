@@ -324,7 +324,9 @@ def build(config: ml_collections.ConfigDict) -> _Run:
               total_steps=total_steps, steps_per_epoch=steps_per_epoch, eval_every=eval_every,
               checkpoint_every=checkpoint_every,
               schedule=schedule, tx=tx, step_config=step_config,
-              num_workers=data_lib.default_workers(config.data.num_workers),
+              # A resident split's stream is row numbers: no worker processes for that.
+              num_workers=(0 if resident_data is not None
+                           else data_lib.default_workers(config.data.num_workers)),
               resident_data=resident_data,
               step_description=(step_description if step_cache.is_cnnjax_model(model) else None))
 
