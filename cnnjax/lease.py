@@ -81,6 +81,11 @@ def describe(record: dict) -> str:
 
 @dataclasses.dataclass
 class Lease:
+  """A held lease on a workdir: its `lease.json` `path`, this holder's `token` and `record`
+  (host, pid, start, heartbeat), how many `holds` this process has on it, and whether it
+  was `lost` to a takeover. `acquire` makes one; `release` gives it up; `check` raises
+  `WorkdirLeaseLost` once another process took it over."""
+
   path: pathlib.Path
   token: str
   record: dict

@@ -37,6 +37,10 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
+  """What a prepared dataset holds: its `name`, `num_classes`, `image_shape` ((height, width,
+  channels), None where images vary), `splits` (name -> number of examples) and
+  `class_names`."""
+
   name: str
   num_classes: int
   image_shape: tuple  # (height, width, channels); None for variable sizes
@@ -196,7 +200,11 @@ def _prepare(dataset_builder, progress: bool) -> None:
 
 def prepare(name: str, data_dir: str | os.PathLike | None = None, progress: bool = True,
             backend: str = "grain") -> DatasetInfo:
-  """Prepares `name` if it is embedded and missing; returns its info either way."""
+  """Prepares `name` in `data_dir` if it is embedded (or a `folder:` path) and not yet
+  prepared; returns its `DatasetInfo` either way. `progress` shows a progress bar; `backend`
+  is `grain` or `tf`. Raises `DatasetError` for an unknown name (with the closest ones), a
+  catalog dataset not prepared (with the `tfds build` command), or a corrupt image in a
+  folder (naming the file; nothing is written)."""
   return info(name, data_dir, progress=progress, backend=backend)
 
 

@@ -40,7 +40,16 @@ _FILL = 128.0  # PIL's fillcolor in the host's geometric operations
 
 @dataclasses.dataclass(frozen=True)
 class DeviceAugment:
-  """What the step does to a uint8 batch before the model sees it."""
+  """What the step does to a uint8 batch before the model sees it.
+
+  `image_size`: the model's input size. `crop`: `random_resized` (area in `crop_scale`,
+  aspect in `crop_ratio`), `pad_crop` (by `pad`), `resize`, or `none` (the host cropped).
+  `flip`, `rand_augment` ((N, M) or None), `mean` and `std` as in `Preprocessing`.
+  `mixup_alpha`, `cutmix_alpha` (0: off), `mix_prob`, `switch_prob`: timm's mixing.
+  `erase_prob`, `erase_mode` (`pixel`, `const`, `rand`): timm's random erasing. Bad values
+  raise `ValueError` naming the valid ones; `check_input` refuses images smaller than the
+  crop.
+  """
 
   image_size: int
   crop: str = "random_resized"

@@ -55,7 +55,13 @@ def _stack(examples: list[dict], images: list[np.ndarray]) -> dict[str, np.ndarr
 
 
 class TrainBatches:
-  """Random access to the training stream: `batches[step]` is this process's part of step's batch."""
+  """Random access to the training stream: `batches(step)` is this process's part of step's
+  batch, {"image": `preprocessing.train` outputs stacked, "label": int32, "index": source rows}.
+
+  `source`: a random-access source (`data_source`); `global_batch`: over all processes;
+  `seed`: the permutation's and the augmentation's; `sharding`: which rows this process
+  reads. Raises `ValueError` where the split is smaller than one global batch.
+  """
 
   def __init__(self, source, preprocessing: Preprocessing, global_batch: int, seed: int,
                sharding: Sharding = Sharding()):
@@ -118,7 +124,9 @@ class ResidentBatches(TrainBatches):
 
 
 class EvalBatches:
-  """The split in order, `global_batch` at a time, the last batch padded and masked."""
+  """The split in order, `global_batch` at a time, the last batch padded and masked:
+  `batches(index)` is {"image", "label", "mask"} (mask 0 on padding), for `index` below
+  `num_batches`."""
 
   def __init__(self, source, preprocessing: Preprocessing, global_batch: int,
                sharding: Sharding = Sharding()):

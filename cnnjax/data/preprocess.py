@@ -172,7 +172,19 @@ def rand_augment(image: np.ndarray, rng: np.random.Generator, num_ops: int,
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
-  """What turns a stored uint8 image into a normalised float32 model input."""
+  """What turns a stored uint8 image into a model input, per example.
+
+  `image_size`: the square output size. `channels`: 1 or 3 (grayscale is repeated to RGB, RGB
+  reduced to luma). `mean`, `std`: per channel, on the 0..1 scale. `interpolation`:
+  `bilinear`, `bicubic` or `nearest`. `train_crop`: `random_resized` (area in `crop_scale`),
+  `pad_crop` (by `pad` pixels) or `resize`. `flip`: random horizontal flips.
+  `rand_augment`: (N, M) or None. `crop_fraction`: evaluation's centre crop. `output`:
+  `float32` (normalised here) or `uint8` (the step normalises). `host_stages`: `all`, or
+  with the device augmenting, `crop` (the host only crops) or `none` (it only decodes).
+  `train(image, rng)` and `eval(image)` take uint8 HWC arrays, `train_encoded` and
+  `eval_encoded` an image's encoded bytes; they return HWC arrays of `output`'s dtype.
+  Bad values raise `ValueError` naming the valid ones.
+  """
 
   image_size: int
   channels: int = 3
