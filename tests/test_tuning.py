@@ -165,3 +165,29 @@ def test_a_model_traces_the_recorded_choices(table_dir, monkeypatch):
   with tuning.use("off"):
     off_key = step_cache.key_material((), "d", {})["tuning"]
   assert off_key != step_cache.key_material((), "d", {})["tuning"]
+
+
+def test_a_measured_candidate_computes_its_forward_pass_too():
+  """A convolution is linear: its gradient alone does not need the forward value, so XLA
+  drops the forward and a candidate whose forward is slow would measure fast. The measured
+  program returns the forward's value, checked here against an independent computation."""
+  import functools
+
+  import jax.numpy as jnp
+  import numpy as np
+  from jax import lax
+
+  from cnnjax.models import lowering
+
+  lhs, rhs = (2, 4, 4, 3), (3, 3, 3, 5)
+  conv = functools.partial(lowering._conv_by, "im2col", strides=(1, 1), dilation=(1, 1),
+                           pads=((1, 1), (1, 1)), precision=None, dtype=None)
+  value, (grad_x, grad_w) = lowering._compiled_gradient(conv, lhs, rhs, jnp.float32, {})()
+  rng = np.random.default_rng(0)  # the same draws as the measurement's
+  x = rng.standard_normal(lhs).astype(np.float32)
+  w = (rng.standard_normal(rhs) / np.sqrt(np.prod(rhs[:3]))).astype(np.float32)
+  cotangent = rng.standard_normal((2, 4, 4, 5)).astype(np.float32)
+  forward = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  assert float(value) == pytest.approx(float(np.vdot(np.asarray(forward), cotangent)), rel=1e-4)
+  assert grad_x.shape == lhs and grad_w.shape == rhs

@@ -52,6 +52,9 @@ MODES = ("measure", "off")
 # A candidate replaces the static heuristic's choice only when this much faster:
 # timing noise here is about +-5%, and a flip on noise would make tables differ per run.
 MARGIN = 0.05
+# What a measurement times; a new value starts a new table (the old file is left as it was).
+# 2: the forward pass counts too (version 1 timed gradients alone, whose forward XLA dropped).
+MEASUREMENT = 2
 ROUNDS = 5
 
 # A candidate: a zero-argument function that compiles and returns a zero-argument run.
@@ -106,7 +109,7 @@ def cpu_description() -> dict:
   import jaxlib  # noqa: PLC0415
 
   return {"model": model, "machine": platform.machine(), "vector_extensions": vector,
-          "cores": os.cpu_count(), "jaxlib": jaxlib.__version__}
+          "cores": os.cpu_count(), "jaxlib": jaxlib.__version__, "measurement": MEASUREMENT}
 
 
 def table_path() -> pathlib.Path:
