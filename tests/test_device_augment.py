@@ -276,3 +276,16 @@ def test_a_split_over_the_device_memory_share_stays_on_the_host(digits_data_dir,
   monkeypatch.setattr(loop, "device_memory_bytes", lambda device=None: 10**9)
   run = loop.build(config)
   assert run.resident_data["image"].shape == (1437, 8, 8, 3)
+
+
+def test_the_steps_import_without_the_data_stack():
+  """`cnnjax.train.steps` runs on a bare accelerator image (BENCHMARKS.md: no grain, TFDS or
+  ml_collections there): device augmentation is imported only where a step uses it."""
+  import subprocess
+  import sys
+
+  code = ("import sys, cnnjax.train.steps; "
+          "print(sorted({'grain', 'tensorflow_datasets', 'ml_collections'} & set(sys.modules)))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, check=True)
+  assert out.stdout.strip() == "[]"

@@ -27,6 +27,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from cnnjax.registry import IMAGENET_MEAN, IMAGENET_STD
+
 CROPS = ("random_resized", "pad_crop", "resize", "none")
 ERASE_MODES = ("pixel", "const", "rand")
 PLACES = ("host", "device")
@@ -36,6 +38,22 @@ RAND_AUGMENT_OPS = ("identity", "autocontrast", "equalize", "rotate", "solarize"
                     "color", "contrast", "brightness", "sharpness", "shear_x", "shear_y",
                     "translate_x", "translate_y")
 _FILL = 128.0  # PIL's fillcolor in the host's geometric operations
+
+
+def check_recipe(*, mixup_alpha: float, cutmix_alpha: float, mix_prob: float,
+                 switch_prob: float, erase_prob: float, erase_mode: str) -> None:
+  """`ValueError` naming the `config.data` key and its valid values for a bad mixup, cutmix
+  or random-erasing setting (the config is checked with it before anything is built)."""
+  for name, value in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
+    if not (math.isfinite(value) and value >= 0):
+      raise ValueError(f"config.data.{name} must be 0 (off) or a positive Beta(alpha, alpha) "
+                       f"parameter such as 0.2 or 1.0, got {value}")
+  for name, value in (("mix_prob", mix_prob), ("switch_prob", switch_prob),
+                      ("erase_prob", erase_prob)):
+    if not 0 <= value <= 1:
+      raise ValueError(f"config.data.{name} must be a probability in [0, 1], got {value}")
+  if erase_mode not in ERASE_MODES:
+    raise ValueError(f"config.data.erase_mode must be one of {ERASE_MODES}, got {erase_mode!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +76,8 @@ class DeviceAugment:
   pad: int = 4
   flip: bool = True
   rand_augment: tuple[int, float] | None = None
-  mean: Sequence[float] = (0.485, 0.456, 0.406)
-  std: Sequence[float] = (0.229, 0.224, 0.225)
+  mean: Sequence[float] = IMAGENET_MEAN
+  std: Sequence[float] = IMAGENET_STD
   mixup_alpha: float = 0.0
   cutmix_alpha: float = 0.0
   mix_prob: float = 1.0
@@ -70,18 +88,9 @@ class DeviceAugment:
   def __post_init__(self):
     if self.crop not in CROPS:
       raise ValueError(f"the device crop must be one of {CROPS}, got {self.crop!r}")
-    for name in ("mixup_alpha", "cutmix_alpha"):
-      value = getattr(self, name)
-      if value < 0 or not math.isfinite(value):
-        raise ValueError(f"config.data.{name} must be 0 (off) or a positive Beta(alpha, alpha) "
-                         f"parameter such as 0.2 or 1.0, got {value}")
-    for name in ("mix_prob", "switch_prob", "erase_prob"):
-      if not 0 <= getattr(self, name) <= 1:
-        raise ValueError(f"config.data.{name} must be a probability in [0, 1], "
-                         f"got {getattr(self, name)}")
-    if self.erase_mode not in ERASE_MODES:
-      raise ValueError(f"config.data.erase_mode must be one of {ERASE_MODES}, "
-                       f"got {self.erase_mode!r}")
+    check_recipe(mixup_alpha=self.mixup_alpha, cutmix_alpha=self.cutmix_alpha,
+                 mix_prob=self.mix_prob, switch_prob=self.switch_prob,
+                 erase_prob=self.erase_prob, erase_mode=self.erase_mode)
     if self.rand_augment is not None and not 0 <= self.rand_augment[1] <= _MAX_MAGNITUDE:
       raise ValueError(f"RandAugment magnitude must be in [0, {_MAX_MAGNITUDE:g}], "
                        f"got {self.rand_augment[1]}")

@@ -70,11 +70,12 @@ def _dct_shrink(crop_size: tuple[int, int], target: tuple[int, int] | None) -> i
   return max((f for f in (1, 2, 4, 8) if f <= shrink), default=1)
 
 
-def _decode_full(encoded: bytes, channels: int, shrink: int) -> Image.Image:
+def _decode_full(encoded: bytes, channels: int, shrink: int,
+                 full: tuple[int, int]) -> Image.Image:
   """The whole image decoded at 1/`shrink` of its size (a JPEG's DCT scaling; other
   formats at full size), as a PIL image for the crop-and-resize that follows."""
   if _is_jpeg(encoded):
-    height, width = size_of(encoded)
+    height, width = full
     try:
       # RGBX: PIL's own layout for RGB, so the pixels are wrapped, not copied.
       mode = "L" if channels == 1 else "RGBX"
@@ -117,19 +118,21 @@ def decode(encoded: bytes, channels: int = 3,
   """
   full = size_of(encoded)
   box = crop if crop is not None else (0, 0, *full)
-  image = _decode_full(encoded, channels, _dct_shrink(box[2:], target))
+  image = _decode_full(encoded, channels, _dct_shrink(box[2:], target), full)
   if crop is not None:
     image = _cropped(image, crop, full)
   return _as_array(image, channels)
 
 
 def decode_resized(encoded: bytes, channels: int, crop: tuple[int, int, int, int],
-                   size: tuple[int, int], resample=Image.Resampling.BILINEAR) -> np.ndarray:
+                   size: tuple[int, int], resample=Image.Resampling.BILINEAR,
+                   full: tuple[int, int] | None = None) -> np.ndarray:
   """The crop (top, left, height, width, full-size pixels) decoded at the smallest DCT scale
   that keeps it at least `size`, then resized to `size` (antialiased), all in PIL: no
-  array in between."""
-  full = size_of(encoded)
-  image = _cropped(_decode_full(encoded, channels, _dct_shrink(crop[2:], size)), crop, full)
+  array in between. `full`: the image's (height, width), where the caller read it already."""
+  full = full or size_of(encoded)
+  image = _cropped(_decode_full(encoded, channels, _dct_shrink(crop[2:], size), full), crop,
+                   full)
   if image.size != (size[1], size[0]):
     image = image.resize((size[1], size[0]), resample)
   return _as_array(image, channels)

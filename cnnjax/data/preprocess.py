@@ -270,7 +270,8 @@ class Preprocessing:
     height, width = encoded_lib.size_of(encoded)
     box = sample_crop(height, width, rng, self.crop_scale)
     image = encoded_lib.decode_resized(encoded, self.channels, box, (size, size),
-                                       INTERPOLATIONS[self.interpolation])
+                                       INTERPOLATIONS[self.interpolation],
+                                       full=(height, width))
     return self._after_crop(image, rng)
 
   def _after_crop(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -194,16 +194,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f"(or None for Orbax's 1,200), got {config.checkpoint_timeout_seconds}")
   if config.data.augment_on is not None:
     choice("data.augment_on", config.data.augment_on, ("host", "device"))
-  for key in ("mixup_alpha", "cutmix_alpha"):
-    value = config.data[key]
-    if not (value == 0 or value > 0) or value == float("inf"):
-      raise ValueError(f"config.data.{key} must be 0 (off) or a positive Beta(alpha, alpha) "
-                       f"parameter such as 0.2 or 1.0, got {value}")
-  for key in ("mix_prob", "switch_prob", "erase_prob"):
-    if not 0 <= config.data[key] <= 1:
-      raise ValueError(f"config.data.{key} must be a probability in [0, 1], "
-                       f"got {config.data[key]}")
-  choice("data.erase_mode", config.data.erase_mode, ("pixel", "const", "rand"))
+  from cnnjax.data import device_augment  # noqa: PLC0415
+
+  d = config.data
+  device_augment.check_recipe(mixup_alpha=d.mixup_alpha, cutmix_alpha=d.cutmix_alpha,
+                              mix_prob=d.mix_prob, switch_prob=d.switch_prob,
+                              erase_prob=d.erase_prob, erase_mode=d.erase_mode)
   if not 0 < config.data.device_memory_share <= 1:
     raise ValueError(f"config.data.device_memory_share must be in (0, 1], "
                      f"got {config.data.device_memory_share}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax
 import jax
@@ -32,9 +32,11 @@ from flax import linen as nn
 from flax.training import dynamic_scale as dynamic_scale_lib
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cnnjax.data import device_augment
 from cnnjax.models import lowering, tuning
 from cnnjax.train import optim
+
+if TYPE_CHECKING:  # at run time only where augmentation is on: cnnjax.data needs grain
+  from cnnjax.data import device_augment
 
 DATA_AXIS = "data"
 
@@ -148,6 +150,8 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
   rng = jax.random.fold_in(state.rng, state.step)
   labels, mixing = batch["label"], None
   if config.augment is not None:
+    from cnnjax.data import device_augment  # noqa: PLC0415
+
     augment_key = jax.random.fold_in(rng, AUGMENT_STREAM)
     if axis_name is not None:  # pmap: each device augments its own examples
       augment_key = jax.random.fold_in(augment_key, jax.lax.axis_index(axis_name))
