@@ -15,10 +15,13 @@ Training transforms, the same on both sides: random resized crop to 224 (scale
 uint8, as the training loop sends them (the step normalises on the device);
 its float32 output (normalised on the host) is measured too, and torchvision's
 `ToTensor` + `Normalize` make float32 as its loaders do. With
-`data.augment_on = "device"` the host only decodes and resizes each crop
-(`cnnjax_device_host_side`); that is set against torchvision with and without
-RandAugment(2, 9), which cnnjax then runs in the step. cnnjax's host-side
-RandAugment is measured too. Runs alternate batch by batch. Writes
+`data.augment_on = "device"` the host only decodes each crop's region at the
+DCT scale and lays it on a 448 px canvas (`cnnjax_device_host_side`,
+`host_stages="region"`, what the training loop does for such a folder); the
+step resizes it and does the rest. That is set against torchvision with and
+without RandAugment(2, 9), which cnnjax then runs in the step. The host
+resizing the crop itself (`host_stages="crop"`) and cnnjax's host-side
+RandAugment are measured too. Runs alternate batch by batch. Writes
 benchmarks/results/jpeg_folder.json. `python -m benchmarks.input_pipeline`
 runs it first.
 """
@@ -118,9 +121,10 @@ def main(argv=None) -> None:
 
     readers = {"cnnjax_uint8": cnnjax_reader("uint8"), "cnnjax_float32": cnnjax_reader("float32"),
                "torchvision": torch_reader(),
-               # augment_on="device": the host decodes and resizes the crop, the step does the
-               # rest (flip, RandAugment, normalisation), whatever the recipe.
-               "cnnjax_device_host_side": cnnjax_reader("uint8", host_stages="crop"),
+               # augment_on="device": the host decodes the crop, the step does the rest
+               # (resize, flip, RandAugment, normalisation), whatever the recipe.
+               "cnnjax_device_host_side": cnnjax_reader("uint8", host_stages="region"),
+               "cnnjax_device_host_resizes": cnnjax_reader("uint8", host_stages="crop"),
                "cnnjax_randaugment_uint8": cnnjax_reader("uint8", rand_augment=(2, 9.0)),
                "torchvision_randaugment": torch_reader(folder_randaugment)}
     seconds = {name: [] for name in readers}
@@ -141,6 +145,8 @@ def main(argv=None) -> None:
       "cnnjax_uint8_over_torchvision": rates["cnnjax_uint8"] / rates["torchvision"],
       "cnnjax_float32_over_torchvision": rates["cnnjax_float32"] / rates["torchvision"],
       "device_host_side_over_torchvision": rates["cnnjax_device_host_side"] / rates["torchvision"],
+      "device_host_resizes_over_torchvision": (rates["cnnjax_device_host_resizes"]
+                                               / rates["torchvision"]),
       "device_host_side_over_torchvision_randaugment": (rates["cnnjax_device_host_side"]
                                                         / rates["torchvision_randaugment"]),
       "cnnjax_randaugment_over_torchvision_randaugment": (rates["cnnjax_randaugment_uint8"]

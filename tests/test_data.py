@@ -234,6 +234,74 @@ def test_a_jpeg_crop_decodes_at_reduced_size_and_matches_the_full_decode():
   assert np.abs(from_bytes - from_array).mean() < 0.1  # normalised units: a few levels of 255
 
 
+def test_a_region_is_the_crop_that_the_device_resizes_as_the_host_would():
+  """`host_stages="region"` (augment_on="device" for images of varying size): the host stops
+  at the crop, decoded at the DCT scale, and the step's resize of it is the host's resized
+  crop from the same draws within resampling's rounding; from bytes and from an array."""
+  import jax
+  import jax.numpy as jnp
+  import matplotlib
+
+  from cnnjax.data import device_augment
+
+  jpeg = (pathlib.Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").read_bytes()
+  full = _decoded_rgb(jpeg)
+  size = 64
+  region_pre = data.Preprocessing(image_size=size, output="uint8", host_stages="region")
+  crop_pre = data.Preprocessing(image_size=size, output="uint8", host_stages="crop")
+  fitted = 0
+  # One compilation for every region: the step's resize, from the canvas.
+  resize_region = jax.jit(lambda canvas, hw: device_augment.resize_box(
+      canvas, jnp.stack([0, 0, hw[0], hw[1]]), size))
+  for seed in range(12):
+    for region, resized in (
+        (region_pre.train_encoded(jpeg, np.random.default_rng(seed)),
+         crop_pre.train_encoded(jpeg, np.random.default_rng(seed))),
+        (region_pre.train(full, np.random.default_rng(seed)),
+         crop_pre.train(full, np.random.default_rng(seed)))):
+      assert region.dtype == np.uint8 and region.shape[-1] == 3
+      limit = region_pre.region_limit
+      assert max(region.shape[:2]) <= limit == 2 * size
+      fitted += max(region.shape[:2]) == limit
+      canvas = np.zeros((limit, limit, 3), np.uint8)
+      canvas[:region.shape[0], :region.shape[1]] = region
+      device = resize_region(jnp.asarray(canvas, jnp.float32), jnp.asarray(region.shape[:2]))
+      # Two antialiased bilinear filters; a region shrunk to fit the canvas is resized twice.
+      assert np.abs(np.asarray(device) - resized).mean() < 2.5
+  assert fitted  # the shrink-to-fit path ran
+  with pytest.raises(ValueError, match="train_crop='pad_crop' needs host_stages='crop'"):
+    data.Preprocessing(image_size=size, output="uint8", host_stages="region", train_crop="pad_crop")
+
+
+def _decoded_rgb(jpeg):
+  import io
+
+  from PIL import Image
+
+  with Image.open(io.BytesIO(jpeg)) as image:
+    return np.asarray(image.convert("RGB"))
+
+
+def test_region_batches_lie_on_zeroed_canvases_with_their_sizes(tmp_path):
+  _photo_folder(tmp_path / "photos", per_class=2)
+  name = f"folder:{tmp_path / 'photos'}"
+  data.prepare(name, tmp_path / "tfds", progress=False)
+  source = data.data_source(name, "train", tmp_path / "tfds")
+  pre = data.Preprocessing(image_size=48, output="uint8", host_stages="region")
+  batches = TrainBatches(source, pre, global_batch=4, seed=0)
+  batch = batches(1)
+  assert batch["image"].shape == (4, 96, 96, 3) and batch["region"].shape == (4, 2)
+  epoch, positions = batches.positions(1)
+  examples = source.read_encoded(batch["index"])
+  for image, (h, w), example, position in zip(batch["image"], batch["region"], examples,
+                                              positions):
+    expected = pre.train_encoded(example["image"],
+                                 np.random.default_rng([0, epoch, position, 1]))
+    assert (h, w) == expected.shape[:2]
+    np.testing.assert_array_equal(image[:h, :w], expected)
+    assert not image[h:].any() and not image[:, w:].any()
+
+
 def test_preparing_leaves_nothing_in_the_temp_directory(tmp_path, monkeypatch):
   """tfds leaves an empty tmp*tfds directory per unprepared builder unless told it is offline."""
   temp = tmp_path / "temp"

@@ -11,9 +11,11 @@ erasing (timm's `RandomErasing`, after normalisation).
 
 Everything random comes from one key: the step's (`fold_in(state.rng, step)`),
 split per example by position in the global batch. A resumed run therefore
-augments exactly as an uninterrupted one. Images arrive as uint8, either the
-stored image (a "canvas" of one fixed size, from which the crop is sampled
-here) or the host's crop already resized (`crop="none"`).
+augments exactly as an uninterrupted one. Images arrive as uint8: the stored
+image (a "canvas" of one fixed size, from which the crop is sampled here), the
+host's crop not yet resized (`crop="region"`: in the top-left corner of a
+canvas, its height and width beside it), or the host's crop already resized
+(`crop="none"`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 
 from cnnjax.registry import IMAGENET_MEAN, IMAGENET_STD
 
-CROPS = ("random_resized", "pad_crop", "resize", "none")
+CROPS = ("random_resized", "pad_crop", "resize", "region", "none")
 ERASE_MODES = ("pixel", "const", "rand")
 PLACES = ("host", "device")
 _MAX_MAGNITUDE = 30.0
@@ -61,7 +63,8 @@ class DeviceAugment:
   """What the step does to a uint8 batch before the model sees it.
 
   `image_size`: the model's input size. `crop`: `random_resized` (area in `crop_scale`,
-  aspect in `crop_ratio`), `pad_crop` (by `pad`), `resize`, or `none` (the host cropped).
+  aspect in `crop_ratio`), `pad_crop` (by `pad`), `resize`, `region` (the host cropped, the
+  step resizes the region it gives) or `none` (the host cropped and resized).
   `flip`, `rand_augment` ((N, M) or None), `mean` and `std` as in `Preprocessing`.
   `mixup_alpha`, `cutmix_alpha` (0: off), `mix_prob`, `switch_prob`: timm's mixing.
   `erase_prob`, `erase_mode` (`pixel`, `const`, `rand`): timm's random erasing. Bad values
@@ -381,13 +384,20 @@ def mix(key, images: jax.Array, config: DeviceAugment) -> tuple[jax.Array, Mixin
 # -- the whole step-side pipeline -----------------------------------------------------------
 
 
-def augment_example(key, image: jax.Array, config: DeviceAugment) -> jax.Array:
+def augment_example(key, image: jax.Array, config: DeviceAugment,
+                    region: jax.Array | None = None) -> jax.Array:
   """One uint8 HWC image to the normalised float32 input: crop, flip, RandAugment,
-  normalisation, random erasing."""
+  normalisation, random erasing. `region`: (height, width) of the host's crop in the
+  image's top-left corner, for `crop="region"`."""
   crop_key, flip_key, rand_key, erase_key = jax.random.split(key, 4)
   image = image.astype(jnp.float32)
   size = config.image_size
-  if config.crop == "random_resized":
+  if config.crop == "region":
+    if region is None:
+      raise ValueError("crop='region' needs each example's region (height, width): the "
+                       "batch's 'region' from a pipeline with host_stages='region'")
+    image = resize_box(image, jnp.stack([0, 0, region[0], region[1]]), size)
+  elif config.crop == "random_resized":
     image = random_resized_crop(crop_key, image, size, config.crop_scale, config.crop_ratio)
   elif config.crop == "pad_crop":
     image = pad_and_crop(crop_key, image, size, config.pad)
@@ -406,13 +416,18 @@ def augment_example(key, image: jax.Array, config: DeviceAugment) -> jax.Array:
   return image
 
 
-def augment_batch(key: jax.Array, images: jax.Array,
-                  config: DeviceAugment) -> tuple[jax.Array, Mixing | None]:
+def augment_batch(key: jax.Array, images: jax.Array, config: DeviceAugment,
+                  regions: jax.Array | None = None) -> tuple[jax.Array, Mixing | None]:
   """A uint8 NHWC batch augmented per example (keys split from `key` by position), then
-  mixed when mixup or cutmix is on. Returns the float32 inputs and the mixing (or None)."""
+  mixed when mixup or cutmix is on. `regions`: (N, 2) for `crop="region"`. Returns the
+  float32 inputs and the mixing (or None)."""
   example_key, mix_key = jax.random.split(key)
   keys = jax.random.split(example_key, images.shape[0])
-  out = jax.vmap(functools.partial(augment_example, config=config))(keys, images)
+  if regions is None:
+    out = jax.vmap(functools.partial(augment_example, config=config))(keys, images)
+  else:
+    out = jax.vmap(lambda k, image, region: augment_example(k, image, config, region))(
+        keys, images, regions)
   if not config.mixes:
     return out, None
   return mix(mix_key, out, config)

@@ -54,9 +54,22 @@ def _stack(examples: list[dict], images: list[np.ndarray]) -> dict[str, np.ndarr
           "label": np.asarray([int(e["label"]) for e in examples], np.int32)}
 
 
+def _stack_regions(examples: list[dict], regions: list[np.ndarray],
+                   limit: int) -> dict[str, np.ndarray]:
+  """Crops of varying size (`host_stages="region"`) in the top-left corner of one zeroed
+  `limit` x `limit` canvas each, with their (height, width) as "region"."""
+  canvas = np.zeros((len(regions), limit, limit, regions[0].shape[-1]), np.uint8)
+  for out, region in zip(canvas, regions):
+    out[:region.shape[0], :region.shape[1]] = region
+  return {"image": canvas, "region": np.asarray([r.shape[:2] for r in regions], np.int32),
+          "label": np.asarray([int(e["label"]) for e in examples], np.int32)}
+
+
 class TrainBatches:
   """Random access to the training stream: `batches(step)` is this process's part of step's
   batch, {"image": `preprocessing.train` outputs stacked, "label": int32, "index": source rows}.
+  With `host_stages="region"` the crops lie on canvases of `region_limit` a side and
+  "region" (int32, (height, width) per example) says how much of each they cover.
 
   `source`: a random-access source (`data_source`); `global_batch`: over all processes;
   `seed`: the permutation's and the augmentation's; `sharding`: which rows this process
@@ -104,7 +117,10 @@ class TrainBatches:
       examples = read_examples(self.source, order[positions])
       images = [self.preprocessing.train(np.asarray(e["image"]), rng)
                 for e, rng in zip(examples, rngs)]
-    batch = _stack(examples, images)
+    if self.preprocessing.host_stages == "region":
+      batch = _stack_regions(examples, images, self.preprocessing.region_limit)
+    else:
+      batch = _stack(examples, images)
     batch["index"] = order[positions].astype(np.int64)  # source rows: for tests and debugging
     return batch
 
@@ -212,7 +228,7 @@ def eval_iterator(batches: EvalBatches, num_workers: int = 0, num_threads: int =
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding,
-              keys=("image", "label", "mask", "rows")) -> dict[str, jax.Array]:
+              keys=("image", "label", "mask", "rows", "region")) -> dict[str, jax.Array]:
   """This process's rows of a batch, assembled into global arrays sharded along the batch."""
   return {k: jax.make_array_from_process_local_data(sharding, v)
           for k, v in batch.items() if k in keys}

@@ -22,10 +22,12 @@ INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resamp
                   "nearest": Image.Resampling.NEAREST}
 TRAIN_CROPS = ("random_resized", "pad_crop", "resize")
 OUTPUTS = ("float32", "uint8")
-# What the host does of training's transforms: everything; only the crop (the device does the
-# rest: config.data.augment_on = "device" with images of varying size); or nothing but decode
-# (the device crops from the stored image, which has one fixed size).
-HOST_STAGES = ("all", "crop", "none")
+# What the host does of training's transforms, with config.data.augment_on = "device" for all
+# but "all": everything; the crop, resized ("crop": pad_crop and resize from images of varying
+# size); the crop's region, not resized ("region": the random resized crop from images of
+# varying size; the device resizes it); or nothing but decode (the device crops from the
+# stored image, which has one fixed size).
+HOST_STAGES = ("all", "crop", "region", "none")
 
 
 def _pil(image: np.ndarray) -> Image.Image:
@@ -71,6 +73,17 @@ def sample_crop(height: int, width: int, rng: np.random.Generator,
   else:
     w, h = width, height
   return (height - h) // 2, (width - w) // 2, h, w
+
+
+def fit_within(image: np.ndarray, limit: int, interpolation: str = "bilinear") -> np.ndarray:
+  """`image` shrunk (aspect kept, antialiased) so that neither side is over `limit`."""
+  height, width = image.shape[:2]
+  if max(height, width) <= limit:
+    return image
+  scale = limit / max(height, width)
+  return resize(np.ascontiguousarray(image),
+                (max(1, min(limit, round(height * scale))), max(1, min(limit, round(width * scale)))),
+                interpolation)
 
 
 def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
@@ -180,10 +193,12 @@ class Preprocessing:
   `pad_crop` (by `pad` pixels) or `resize`. `flip`: random horizontal flips.
   `rand_augment`: (N, M) or None. `crop_fraction`: evaluation's centre crop. `output`:
   `float32` (normalised here) or `uint8` (the step normalises). `host_stages`: `all`, or
-  with the device augmenting, `crop` (the host only crops) or `none` (it only decodes).
-  `train(image, rng)` and `eval(image)` take uint8 HWC arrays, `train_encoded` and
-  `eval_encoded` an image's encoded bytes; they return HWC arrays of `output`'s dtype.
-  Bad values raise `ValueError` naming the valid ones.
+  with the device augmenting, `crop` (the host only crops and resizes), `region` (it only
+  crops: random_resized, the region at most `region_limit` a side) or `none` (it only
+  decodes). `train(image, rng)` and `eval(image)` take uint8 HWC arrays, `train_encoded` and
+  `eval_encoded` an image's encoded bytes; they return HWC arrays of `output`'s dtype, of
+  `image_size` but for `region`'s and `none`'s training images. Bad values raise
+  `ValueError` naming the valid ones.
   """
 
   image_size: int
@@ -220,6 +235,16 @@ class Preprocessing:
     if self.host_stages != "all" and self.output != "uint8":
       raise ValueError("the device augments uint8 images: host_stages other than 'all' need "
                        "output='uint8'")
+    if self.host_stages == "region" and self.train_crop != "random_resized":
+      raise ValueError(f"host_stages='region' leaves the random resized crop's resize to the "
+                       f"device; train_crop={self.train_crop!r} needs host_stages='crop'")
+
+  @property
+  def region_limit(self) -> int:
+    """The largest side of a `region` training image: twice `image_size`. The DCT scale
+    keeps a crop's shorter side under that (the next scale would take it below
+    `image_size`), so only crops far from square are shrunk on the host to fit."""
+    return 2 * self.image_size
 
   def _finish(self, image: np.ndarray) -> np.ndarray:
     if image.shape[-1] == 1 and self.channels == 3:
@@ -249,6 +274,10 @@ class Preprocessing:
     size = self.image_size
     if self.host_stages == "none":
       return self._finish(image)
+    if self.host_stages == "region":
+      top, left, h, w = sample_crop(image.shape[0], image.shape[1], rng, self.crop_scale)
+      return self._finish(fit_within(image[top:top + h, left:left + w], self.region_limit,
+                                     self.interpolation))
     if self.train_crop == "random_resized":
       image = random_resized_crop(image, rng, size, self.crop_scale, interpolation=self.interpolation)
     elif self.train_crop == "pad_crop":
@@ -269,6 +298,10 @@ class Preprocessing:
       return self.train(encoded_lib.decode(encoded, self.channels, target=target), rng)
     height, width = encoded_lib.size_of(encoded)
     box = sample_crop(height, width, rng, self.crop_scale)
+    if self.host_stages == "region":
+      region = encoded_lib.decode_region(encoded, self.channels, box, (size, size),
+                                         full=(height, width))
+      return self._finish(fit_within(region, self.region_limit, self.interpolation))
     image = encoded_lib.decode_resized(encoded, self.channels, box, (size, size),
                                        INTERPOLATIONS[self.interpolation],
                                        full=(height, width))

@@ -182,7 +182,8 @@ def _device_augment(config, preprocessing: data_lib.Preprocessing):
   on_device = preprocessing.host_stages != "all"
   if not on_device and not (d.mixup_alpha or d.cutmix_alpha or d.erase_prob):
     return None  # the host path as it was: the step normalises (StepConfig.normalization)
-  crop = preprocessing.train_crop if preprocessing.host_stages == "none" else "none"
+  crop = {"none": preprocessing.train_crop, "region": "region"}.get(preprocessing.host_stages,
+                                                                    "none")
   return data_lib.DeviceAugment(
       image_size=preprocessing.image_size, crop=crop, crop_scale=preprocessing.crop_scale,
       pad=preprocessing.pad, flip=preprocessing.flip and on_device,
@@ -237,10 +238,17 @@ def build(config: ml_collections.ConfigDict) -> _Run:
   channels = info.channels
   augment_on = data_lib.default_augment_on(config.data.augment_on)
   stored_shape = tuple(dataset.image_shape or (None, None, None))
-  # The device crops from the stored image where the split has one size (its "canvas");
-  # from images of varying size the host decodes the crop, the device does the rest.
+  # The device crops from the stored image where the split has one size (its "canvas").
+  # From images of varying size the host decodes the crop, and the device does the rest: the
+  # random resized crop's resize too (the host's resize was over half its time per image,
+  # BENCHMARKS.md), the CIFAR-style crops' after the host's resize.
   canvas = None not in stored_shape[:2]
-  host_stages = "all" if augment_on == "host" else ("none" if canvas else "crop")
+  if augment_on == "host":
+    host_stages = "all"
+  elif canvas:
+    host_stages = "none"
+  else:
+    host_stages = "region" if config.data.train_crop == "random_resized" else "crop"
   preprocessing = data_lib.Preprocessing(
       image_size=image_size, channels=channels,
       mean=tuple(config.data.mean or info.mean), std=tuple(config.data.std or info.std),
@@ -362,7 +370,7 @@ class _Devices:
     get_state = getattr(iterator, "get_state", lambda: None)
     for batch in iterator:
       split = {k: v.reshape((self.local_devices, -1) + v.shape[1:])
-               for k, v in batch.items() if k in ("image", "label", "mask")}
+               for k, v in batch.items() if k in ("image", "label", "mask", "region")}
       yield split, get_state()
 
   def replicated_from_host(self, tree):

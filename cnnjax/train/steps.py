@@ -155,7 +155,8 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
     augment_key = jax.random.fold_in(rng, AUGMENT_STREAM)
     if axis_name is not None:  # pmap: each device augments its own examples
       augment_key = jax.random.fold_in(augment_key, jax.lax.axis_index(axis_name))
-    images, mixing = device_augment.augment_batch(augment_key, batch["image"], config.augment)
+    images, mixing = device_augment.augment_batch(augment_key, batch["image"], config.augment,
+                                                  regions=batch.get("region"))
   else:
     images = normalize(batch["image"], config.normalization)
 
