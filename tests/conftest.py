@@ -7,6 +7,7 @@ test session is one.
 import json
 import os
 import pathlib
+import tempfile
 
 import jax
 import pytest
@@ -22,6 +23,10 @@ jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 os.environ["CNNJAX_TEST_CACHE"] = _CACHE  # subprocess workers share it
+# Datasets that a test prepares without naming a directory go to this session's own, never to
+# the user's ~/tensorflow_datasets (subprocess workers inherit it).
+if not os.environ.get("CNNJAX_DATA_DIR"):
+  os.environ["CNNJAX_DATA_DIR"] = tempfile.mkdtemp(prefix="cnnjax-test-data-")
 # The CPU lowering's static heuristics: no per-machine measurement, so every machine
 # traces the same programs (tests/test_tuning.py measures in its own directories).
 os.environ.setdefault("CNNJAX_TUNING", "off")

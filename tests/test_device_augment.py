@@ -219,6 +219,10 @@ def test_bad_settings_name_the_valid_values(digits_data_dir):
       "data.image_size": 16, "data.train_crop": "random_resized"})
   with pytest.raises(ValueError, match=r"crops 16x16 from images of 8x8, which are smaller"):
     loop.build(config)
+  # A region crop needs each example's region from the host.
+  with pytest.raises(ValueError, match=r"crop='region' needs each example's region"):
+    da.augment_example(jax.random.key(0), jnp.zeros((8, 8, 3)),
+                       da.DeviceAugment(image_size=4, crop="region"))
 
 
 # -- in the training loop: exact resume, the resident split ---------------------------------

@@ -251,6 +251,9 @@ def test_the_full_sweep_appends_the_zero_init_twins_after_every_other_trial(monk
 
   monkeypatch.setattr(efficientnet_scaling, "run_sweep", fake_sweep)
   monkeypatch.setattr(efficientnet_scaling.common, "measurer", measurer)
+  # The scenes' classes and size, without rendering them (42 s of a fresh machine's suite).
+  monkeypatch.setattr(efficientnet_scaling.common, "num_classes", lambda train_config: 36)
+  monkeypatch.setattr(efficientnet_scaling.common, "native_resolution", lambda train_config: 96)
   monkeypatch.setattr(efficientnet_scaling, "summary_rows",
                       lambda records, columns: [{"name": r["name"]} for r in records])
   monkeypatch.setattr(efficientnet_scaling.common, "annotate_convergence", lambda *a, **k: None)
