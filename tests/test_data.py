@@ -205,20 +205,26 @@ def test_a_corrupt_image_is_named_at_preparation_and_nothing_is_written(tmp_path
   assert [p for p in (tmp_path / "tfds").rglob("*") if p.is_file()] == []
 
 
+def _decoded_rgb(jpeg):
+  """The whole image decoded by PIL at full size: the reference the fast paths are held to."""
+  import io
+
+  from PIL import Image
+
+  with Image.open(io.BytesIO(jpeg)) as image:
+    return np.asarray(image.convert("RGB"))
+
+
 def test_a_jpeg_crop_decodes_at_reduced_size_and_matches_the_full_decode():
   """The crop decoded via the DCT scale is smaller than the full-size crop, and resized to
   the target it differs from the full-size crop resized only by resampling."""
-  import io
-
   import matplotlib
-  from PIL import Image
 
   from cnnjax.data import encoded, preprocess
 
   photo = pathlib.Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
   jpeg = photo.read_bytes()
-  with Image.open(io.BytesIO(jpeg)) as image:
-    full = np.asarray(image.convert("RGB"))
+  full = _decoded_rgb(jpeg)
   assert encoded.size_of(jpeg) == full.shape[:2]
   box = (40, 60, 400, 360)  # top, left, height, width
   reduced = encoded.decode(jpeg, 3, crop=box, target=(96, 96))
@@ -271,15 +277,6 @@ def test_a_region_is_the_crop_that_the_device_resizes_as_the_host_would():
   assert fitted  # the shrink-to-fit path ran
   with pytest.raises(ValueError, match="train_crop='pad_crop' needs host_stages='crop'"):
     data.Preprocessing(image_size=size, output="uint8", host_stages="region", train_crop="pad_crop")
-
-
-def _decoded_rgb(jpeg):
-  import io
-
-  from PIL import Image
-
-  with Image.open(io.BytesIO(jpeg)) as image:
-    return np.asarray(image.convert("RGB"))
 
 
 def test_region_batches_lie_on_zeroed_canvases_with_their_sizes(tmp_path):

@@ -21,7 +21,6 @@ canvas, its height and width beside it), or the host's crop already resized
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -423,11 +422,9 @@ def augment_batch(key: jax.Array, images: jax.Array, config: DeviceAugment,
   float32 inputs and the mixing (or None)."""
   example_key, mix_key = jax.random.split(key)
   keys = jax.random.split(example_key, images.shape[0])
-  if regions is None:
-    out = jax.vmap(functools.partial(augment_example, config=config))(keys, images)
-  else:
-    out = jax.vmap(lambda k, image, region: augment_example(k, image, config, region))(
-        keys, images, regions)
+  # `regions` None is an empty tree: vmap maps nothing of it.
+  out = jax.vmap(lambda k, image, region: augment_example(k, image, config, region))(
+      keys, images, regions)
   if not config.mixes:
     return out, None
   return mix(mix_key, out, config)

@@ -73,22 +73,30 @@ def _dct_shrink(crop_size: tuple[int, int], target: tuple[int, int] | None) -> i
   return max((f for f in (1, 2, 4, 8) if f <= shrink), default=1)
 
 
+def _libjpeg_turbo(encoded: bytes, colorspace: str, shrink: int,
+                   full: tuple[int, int]) -> np.ndarray | None:
+  """A JPEG decoded by simplejpeg at 1/`shrink` of its size (fast DCT and upsampling), or
+  None for what it refuses (CMYK, arithmetic coding, damaged but readable: PIL decodes
+  those) and for other formats."""
+  if not _is_jpeg(encoded):
+    return None
+  try:
+    return simplejpeg.decode_jpeg(encoded, colorspace=colorspace, fastdct=True,
+                                  fastupsample=True, min_height=math.ceil(full[0] / shrink),
+                                  min_width=math.ceil(full[1] / shrink))
+  except ValueError:
+    return None
+
+
 def _decode_full(encoded: bytes, channels: int, shrink: int,
                  full: tuple[int, int]) -> Image.Image:
   """The whole image decoded at 1/`shrink` of its size (a JPEG's DCT scaling; other
   formats at full size), as a PIL image for the crop-and-resize that follows."""
-  if _is_jpeg(encoded):
-    height, width = full
-    try:
-      # RGBX: PIL's own layout for RGB, so the pixels are wrapped, not copied.
-      mode = "L" if channels == 1 else "RGBX"
-      array = simplejpeg.decode_jpeg(
-          encoded, colorspace="GRAY" if channels == 1 else "RGBX", fastdct=True,
-          fastupsample=True, min_height=math.ceil(height / shrink),
-          min_width=math.ceil(width / shrink))
-      return Image.frombuffer(mode, (array.shape[1], array.shape[0]), array, "raw", mode, 0, 1)
-    except ValueError:
-      pass  # CMYK, arithmetic coding, damaged but readable: PIL's decoder below
+  # RGBX: PIL's own layout for RGB, so the pixels are wrapped, not copied.
+  mode = "L" if channels == 1 else "RGBX"
+  array = _libjpeg_turbo(encoded, "GRAY" if channels == 1 else "RGBX", shrink, full)
+  if array is not None:
+    return Image.frombuffer(mode, (array.shape[1], array.shape[0]), array, "raw", mode, 0, 1)
   image = Image.open(io.BytesIO(encoded))
   if shrink > 1 and image.format == "JPEG":
     full_width, full_height = image.size
@@ -147,16 +155,10 @@ def _decode_array(encoded: bytes, channels: int, shrink: int,
                   full: tuple[int, int]) -> np.ndarray:
   """`_decode_full` as a uint8 HWC array: a JPEG straight from libjpeg-turbo in `channels`
   channels (RGB, not RGBX: no fourth byte to skip when the crop is copied out)."""
-  if _is_jpeg(encoded):
-    try:
-      array = simplejpeg.decode_jpeg(
-          encoded, colorspace="GRAY" if channels == 1 else "RGB", fastdct=True,
-          fastupsample=True, min_height=math.ceil(full[0] / shrink),
-          min_width=math.ceil(full[1] / shrink))
-      return array if array.ndim == 3 else array[..., None]
-    except ValueError:
-      pass  # what libjpeg-turbo refuses: PIL's decoder, as _decode_full
-  return _as_array(_decode_full(encoded, channels, shrink, full), channels)
+  array = _libjpeg_turbo(encoded, "GRAY" if channels == 1 else "RGB", shrink, full)
+  if array is None:
+    return _as_array(_decode_full(encoded, channels, shrink, full), channels)
+  return array if array.ndim == 3 else array[..., None]
 
 
 def decode_region(encoded: bytes, channels: int, crop: tuple[int, int, int, int],

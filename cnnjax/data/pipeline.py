@@ -49,9 +49,12 @@ class Sharding:
     return slice(self.index * local, (self.index + 1) * local)
 
 
+def _labels(examples: list[dict]) -> np.ndarray:
+  return np.asarray([int(e["label"]) for e in examples], np.int32)
+
+
 def _stack(examples: list[dict], images: list[np.ndarray]) -> dict[str, np.ndarray]:
-  return {"image": np.stack(images),
-          "label": np.asarray([int(e["label"]) for e in examples], np.int32)}
+  return {"image": np.stack(images), "label": _labels(examples)}
 
 
 def _stack_regions(examples: list[dict], regions: list[np.ndarray],
@@ -62,7 +65,7 @@ def _stack_regions(examples: list[dict], regions: list[np.ndarray],
   for out, region in zip(canvas, regions):
     out[:region.shape[0], :region.shape[1]] = region
   return {"image": canvas, "region": np.asarray([r.shape[:2] for r in regions], np.int32),
-          "label": np.asarray([int(e["label"]) for e in examples], np.int32)}
+          "label": _labels(examples)}
 
 
 class TrainBatches:
