@@ -31,8 +31,7 @@ CASES = (("faults", "mobilenet_v2", 128, 6), ("first_step", "resnet18", 64, 1),
 
 
 def _variant_env(spec: str) -> tuple[str, dict]:
-  base = {k: v for k, v in os.environ.items()
-          if not k.startswith("MALLOC_") and k != "CNNJAX_HOST_ALLOCATOR"}
+  base = host_allocator.without_settings(os.environ)
   base["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   if spec == "default":
     return spec, base

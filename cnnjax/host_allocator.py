@@ -1,49 +1,54 @@
-"""The glibc malloc settings under which XLA:CPU reuses its step buffers, applied by `import cnnjax`.
+"""The glibc malloc settings and the XLA flag under which XLA:CPU reuses its step buffers, applied by `import cnnjax`.
 
 Why. XLA:CPU allocates every execution's temporary buffer with malloc, on one
-of its worker threads: 289 MB for a MobileNet v2 training step at 128 px and
-batch 16. glibc serves a request that large from a fresh `mmap` (a thread's
-arena can never hold it, whatever `M_MMAP_MAX` says) and unmaps it on free,
-so every step faults every page of it in again, zeroed by the kernel: 74,000
-minor page faults per MobileNet v2 step on a 2-core AMD EPYC, a third of the
-step's CPU time. With one arena, no `mmap` and no trimming, the buffer comes
-from the main heap and stays there for the next step: no page faults.
-BENCHMARKS.md has the measurements.
+of the worker threads that also compile: 289 MB for a MobileNet v2 training
+step at 128 px and batch 16. glibc gives every thread but the main one an
+arena of its own, made of heaps of at most 64 MiB, so it serves a request that
+large from a fresh `mmap`, whatever `M_MMAP_MAX` says, and unmaps it on free:
+every step faults every page of it in again, zeroed by the kernel. That was
+74,000 minor page faults per MobileNet v2 step on a 2-core AMD EPYC, a third of
+the step's CPU time. BENCHMARKS.md has the measurements.
 
-What. `apply()`, which `import cnnjax` calls, sets `SETTINGS` with glibc's
-`mallopt` (through ctypes). glibc reads the same parameters from `MALLOC_*`
-environment variables when a process starts, but `mallopt` sets them at run
-time just as well, provided XLA:CPU has not started its threads yet: in a
-notebook or a script, `import jax` first is fine, a JAX computation first is
-not. So no launcher and no re-execution is needed anywhere. Not applied:
+What. `apply()`, which `import cnnjax` calls, makes every such buffer fit in a
+thread's heap, and the heap keep it for the next step:
+- `HEAP_FLAG`, appended to `XLA_FLAGS`, has XLA split a step's temporaries into
+  allocations of at most 30 MiB (`xla_multiheap_size_constraint_per_heap`);
+- `SETTINGS`, set with glibc's `mallopt` (through ctypes): no `mmap`, no
+  trimming, and a top pad of a whole heap, so that glibc never deletes a
+  thread's heap once made.
+
+The compiler's threads keep their own arenas, so compilation runs as fast as
+without (an earlier design, one arena for the whole process, also removed the
+faults but made the first step 1.2-1.5x slower: the compiling threads queued
+for its lock). A single buffer larger than a heap (one activation above 64 MiB,
+far beyond the batch sizes CPUs train with) is still mapped afresh.
+
+glibc reads the same parameters from `MALLOC_*` environment variables when a
+process starts, but `mallopt` sets them at run time just as well, and XLA reads
+`XLA_FLAGS` when JAX's backends start: in a notebook or a script, `import jax`
+first is fine, a JAX computation first is not. So no launcher and no
+re-execution is needed anywhere. Not applied:
 
 - where `CNNJAX_HOST_ALLOCATOR=0` (the opt-out);
 - where the environment sets any `MALLOC_*` variable (the user's choice stands);
 - off Linux with glibc;
 - unless `CNNJAX_HOST_ALLOCATOR=1` asks for them, where a JAX accelerator
   plugin (CUDA, ROCm, TPU) is installed: such a process computes on the
-  accelerator, the settings were measured for XLA:CPU only, and the one GPU
-  run made with them (an H100 host, 16 cores) spent 9 minutes of kernel time
-  in 2 minutes of wall time without finishing its first trial;
+  accelerator, and the settings were measured for XLA:CPU only;
 - where JAX's backends started before `import cnnjax` ("too late": `state()`
   says so, and the training loop and `python -m experiments.run` print one
   line naming the fix);
-- where this machine measured its steps no faster with them
+- where this machine measured its steps no faster with these settings
   (`python -m cnnjax.measure_allocator`, kept in the CPU's tuning table:
   `cnnjax.models.tuning`). Unmeasured machines get them.
 
-`state()` says which.
+`state()` says which. Where `XLA_FLAGS` already sets the heap size, that value
+stands and only the `mallopt` settings are made.
 
-Cost. The process keeps its peak heap until it exits, as a caching allocator
-does (the heap settles after a few steps), and its threads share one arena's
-lock. XLA:CPU compiles on its own threads (`llvm-worker-*`) and runs steps on
-others (`tf_XLAEigen`, where the faults are); with one arena both contend for
-the one lock, and no setting reachable from a running process gives the step
-threads the main arena and the compiler threads their own (glibc binds a
-thread to an arena at its first malloc and caches the arena limit). So
-compilation is slower with them: 1.4-1.5x the first step on a Sapphire Rapids
-Xeon, 1.2x on an AMD EPYC (BENCHMARKS.md). Where the steps gain nothing to
-pay for that, the measurement turns them off for that machine.
+Cost. Memory: the process keeps its peak heaps until it exits, as a caching
+allocator does, and each thread that has run a step keeps its own copy of the
+step's buffers: MobileNet v2's process above peaked at 1.67 GB against 1.29 GB
+without.
 """
 
 from __future__ import annotations
@@ -64,12 +69,17 @@ log = logging.getLogger("cnnjax")
 ENV_OPT_OUT = "CNNJAX_HOST_ALLOCATOR"
 # mallopt's parameter numbers (glibc's malloc.h) and the values cnnjax sets.
 SETTINGS = {
-    "M_ARENA_MAX": (-8, 1),  # every thread allocates from the main heap, ...
-    "M_MMAP_MAX": (-4, 0),  # ... which grows with brk, never by a fresh mapping, ...
-    "M_TRIM_THRESHOLD": (-1, 1 << 30),  # ... and keeps what is freed for the next step.
+    "M_MMAP_MAX": (-4, 0),  # a buffer that fits a heap is served from one, never mapped, ...
+    "M_TRIM_THRESHOLD": (-1, 1 << 30),  # ... what is freed stays for the next step, ...
+    "M_TOP_PAD": (-2, 1 << 26),  # ... and a thread's heap (64 MiB at most) is never deleted.
 }
-TOO_LATE = ("too late: JAX's backends started before `import cnnjax`, so XLA:CPU's threads "
-            "already have their allocator arenas and each step's buffers are faulted in again. "
+HEAP_OPTION = "xla_multiheap_size_constraint_per_heap"
+# A step's temporaries in allocations of at most 30 MiB: two fit in one 64 MiB thread heap.
+HEAP_FLAG = f"--{HEAP_OPTION}={30 << 20}"
+# Which settings a machine's measurement was made with: one made with others is not used.
+SETTINGS_NAME = "thread heaps: no mmap, no trim, top pad 64 MiB, XLA heaps of 30 MiB"
+TOO_LATE = ("too late: JAX's backends started before `import cnnjax`, so XLA has read its "
+            "flags and each step's buffers are faulted in again. "
             "Import cnnjax before running any JAX computation (in a notebook, restart the "
             "kernel), or set CNNJAX_HOST_ALLOCATOR=0 to silence this")
 
@@ -128,7 +138,8 @@ def _mallopt():
 
 
 def apply() -> str:
-  """Sets SETTINGS with mallopt where `decide` says so (once per process); the state."""
+  """Sets SETTINGS with mallopt and appends HEAP_FLAG to XLA_FLAGS where `decide` says so
+  (once per process); the state."""
   if _state["state"] != "not applied yet":
     return state()
   decision = decide(os.environ, xla_cpu.accelerator_plugins() if supported() else [],
@@ -139,6 +150,8 @@ def apply() -> str:
     return decision
   mallopt = _mallopt()
   failed = [name for name, (parameter, value) in SETTINGS.items() if mallopt(parameter, value) != 1]
+  if HEAP_OPTION not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {HEAP_FLAG}".strip()
   if failed:
     # Never an error: the import must succeed; the process runs as it would have without.
     warnings.warn(f"cnnjax.host_allocator: glibc's mallopt refused {', '.join(failed)}; "
@@ -212,7 +225,8 @@ for _ in range(steps):
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(json.dumps({"state": host_allocator.state(), "first_step_s": first,
                   "faults_per_step": sorted(faults)[len(faults) // 2],
-                  "step_s": sorted(times)[len(times) // 2]}))
+                  "step_s": sorted(times)[len(times) // 2],
+                  "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
@@ -230,8 +244,20 @@ def probe(env: Mapping[str, str], model: str = "mobilenet_v2", size: int = 128,
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def without_settings(env: Mapping[str, str]) -> dict[str, str]:
+  """`env` for a child process that should decide afresh: no `MALLOC_*` variables, no opt-out,
+  and no heap size in `XLA_FLAGS` (which this process's `import cnnjax` may have put there)."""
+  clean = {k: v for k, v in env.items() if k not in users_own(env) and k != ENV_OPT_OUT}
+  flags = [f for f in clean.get("XLA_FLAGS", "").split() if not f.startswith(f"--{HEAP_OPTION}=")]
+  if flags:
+    clean["XLA_FLAGS"] = " ".join(flags)
+  else:
+    clean.pop("XLA_FLAGS", None)
+  return clean
+
+
 def _probe_env(on: bool) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+  env = without_settings(os.environ)
   env[ENV_OPT_OUT] = "1" if on else "0"
   env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   return env
@@ -254,7 +280,7 @@ def measure(rounds: int = 2) -> dict:
                 for key in ("step_s", "first_step_s", "faults_per_step")}
             for v, results in runs.items()}
   step_ratio = median["on"]["step_s"] / median["off"]["step_s"]
-  entry = {"choice": "on" if step_ratio <= 1 - GAIN else "off",
+  entry = {"choice": "on" if step_ratio <= 1 - GAIN else "off", "settings": SETTINGS_NAME,
            "step_on_over_off": step_ratio,
            "first_step_on_over_off": median["on"]["first_step_s"] / median["off"]["first_step_s"],
            "medians": median, "probe": "mobilenet_v2, 128 px, batch 16, a plain jax.jit SGD step",
@@ -267,11 +293,14 @@ def measure(rounds: int = 2) -> dict:
 
 
 def measured_choice() -> str | None:
-  """This machine's recorded choice ("on" or "off"), or None where it was never measured."""
+  """This machine's recorded choice ("on" or "off"), or None where it was never measured with
+  these settings."""
   try:
     from cnnjax.models import tuning  # noqa: PLC0415
 
-    return tuning.lookup(TUNING_ENTRY)
+    entry = tuning.lookup_entry(TUNING_ENTRY)
+    # A choice measured with other settings (one arena, before) says nothing about these.
+    return entry.get("choice") if entry and entry.get("settings") == SETTINGS_NAME else None
   except Exception as error:  # noqa: BLE001 - a table problem never stops an import
     warnings.warn(f"cnnjax.host_allocator: the tuning table could not be read ({error})",
                   stacklevel=3)

@@ -26,8 +26,8 @@ and `state()` says which did not:
 - this machine's tuning table has not measured YNNPACK's convolutions faster
   (`lowering.convolution_library`).
 
-`restore()` puts `XLA_FLAGS` back as it was: it takes effect for backends not
-yet started and for child processes.
+`restore()` takes `FLAG` out of `XLA_FLAGS` again: it takes effect for backends
+not yet started and for child processes.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ ENV_OPT_OUT = "CNNJAX_XLA_FLAGS"
 OPTION = "xla_cpu_experimental_ynn_fusion_type"
 FLAG = f"--{OPTION}=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 
-_state = {"state": "not applied yet", "previous": None}
+_state = {"state": "not applied yet"}
 # How cnnjax's on/off environment variables (this one, CNNJAX_HOST_ALLOCATOR) are read.
 SWITCH_OFF, SWITCH_ON = ("0", "off", "false", "no"), ("1", "on", "true", "yes")
 
@@ -101,7 +101,6 @@ def apply() -> str:
           f"steps are unaffected). Import cnnjax before the first JAX computation, or start "
           f"Python with XLA_FLAGS='{FLAG}'. {ENV_OPT_OUT}=0 silences this.", stacklevel=3)
   else:
-    _state["previous"] = flags
     os.environ["XLA_FLAGS"] = f"{flags} {FLAG}".strip()
     reason = "applied"
   _state["state"] = reason
@@ -109,15 +108,16 @@ def apply() -> str:
 
 
 def restore() -> None:
-  """Puts `XLA_FLAGS` back as it was before `apply` (for backends not yet started, children)."""
+  """Takes `FLAG` out of `XLA_FLAGS` again (for backends not yet started, children)."""
   if _state["state"] != "applied":
     return
-  previous = _state["previous"]
-  if previous:
-    os.environ["XLA_FLAGS"] = previous
+  # Only FLAG goes: what was appended after it (the allocator's heap size) stays.
+  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f != FLAG)
+  if flags:
+    os.environ["XLA_FLAGS"] = flags
   else:
     os.environ.pop("XLA_FLAGS", None)
-  _state.update(state="restored", previous=None)
+  _state["state"] = "restored"
 
 
 def _measured_ynnpack_faster() -> bool:

@@ -44,8 +44,7 @@ def without_allocator_settings(env) -> dict:
   """`env` less cnnjax's allocator settings and their opt-out (see cnnjax.host_allocator)."""
   from cnnjax import host_allocator  # noqa: PLC0415
 
-  return {k: v for k, v in env.items()
-          if k not in host_allocator.users_own(env) and k != host_allocator.ENV_OPT_OUT}
+  return host_allocator.without_settings(env)
 
 
 @pytest.fixture(scope="session")

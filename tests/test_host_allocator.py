@@ -19,8 +19,9 @@ from tests.conftest import REPO, without_allocator_settings
 pytestmark = pytest.mark.skipif(not host_allocator.supported(), reason="Linux with glibc only")
 
 PAGE = 4096
-BUFFER_BYTES = 2048 * 8192 * 4  # the output of each call below: 64 MiB, above any mmap threshold
+ROWS = 196608  # activations of ROWS x 32 float32: 24 MiB each
 CALLS = 20
+TEMPORARY_PAGES = 5 * ROWS * 32 * 4 / PAGE  # five activations' worth, 120 MiB (memory_analysis)
 
 FAULTS = textwrap.dedent("""
     import resource
@@ -28,19 +29,27 @@ FAULTS = textwrap.dedent("""
     EARLY_COMPUTATION
     import cnnjax
     from cnnjax import host_allocator
-    x = jnp.ones((2048, 8192), jnp.float32)
-    double = jax.jit(lambda x: x * 2.0).lower(x).compile()
-    # With the settings the heap grows over the first calls (8 alone, more on a busy machine,
-    # where buffers are freed later), then stays.
-    for _ in range(40):
-      jax.block_until_ready(double(x))
+
+    def loss(w, x):
+      for layer in w:
+        x = jnp.tanh(x @ layer)
+      return x.sum()
+
+    # A training step in small: its gradient keeps every layer's activation, 120 MiB of
+    # temporaries, which XLA allocates at once (in heaps of 30 MiB where cnnjax set the flag).
+    x, w = jnp.ones((ROWS, 32), jnp.float32), jnp.full((4, 32, 32), 0.01, jnp.float32)
+    compiled = jax.jit(jax.grad(loss)).lower(w, x).compile()
+    # With the settings the heaps grow over the first calls (each thread that runs a call
+    # keeps its own), then stay.
+    for _ in range(30):
+      jax.block_until_ready(compiled(w, x))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(CALLS):
-      jax.block_until_ready(double(x))
+      jax.block_until_ready(compiled(w, x))
     after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     print(host_allocator.state())
     print(after - before)
-""").replace("CALLS", str(CALLS))
+""").replace("CALLS", str(CALLS)).replace("ROWS", str(ROWS))
 
 
 def _clean_env(**extra) -> dict:
@@ -60,20 +69,30 @@ def test_importing_cnnjax_after_jax_stops_the_faults_and_opting_out_keeps_them()
   with_state, with_settings = _python(FAULTS, _clean_env())
   off_state, off = _python(FAULTS, _clean_env(CNNJAX_HOST_ALLOCATOR="0"))
   assert with_state == "active" and off_state == "opted out (CNNJAX_HOST_ALLOCATOR=0)"
-  pages = BUFFER_BYTES / PAGE
-  # Opted out: the 64 MiB output is faulted in on every call. With: a few calls may still
-  # grow the heap (a late free on a busy machine); at least 16 of the 20 fault nothing.
-  assert int(off) >= 0.9 * CALLS * pages
-  assert int(with_settings) <= 4 * pages
+  # Opted out: the temporaries are faulted in on every call. With: a few calls may still grow
+  # a heap (a late free, a thread's first call); at least 16 of the 20 fault nothing.
+  assert int(off) >= 0.9 * CALLS * TEMPORARY_PAGES
+  assert int(with_settings) <= 4 * TEMPORARY_PAGES
+
+
+def test_the_heap_flag_is_what_keeps_a_large_temporary():
+  """glibc's part alone (the same values, as the user's own MALLOC_* variables: cnnjax then
+  sets nothing) does not keep the 120 MiB of temporaries: without XLA's heap size they are
+  one allocation, larger than any thread's heap, mapped afresh on every call."""
+  glibc_only = {f"MALLOC_{name[2:]}_": str(value)
+                for name, (_, value) in host_allocator.SETTINGS.items()}
+  state, faults = _python(FAULTS, _clean_env(**glibc_only))
+  assert state.startswith("the user's own settings stand (MALLOC_MMAP_MAX_=0")
+  assert int(faults) >= 0.9 * CALLS * TEMPORARY_PAGES
 
 
 def test_too_late_is_said_and_the_users_own_settings_stand():
-  """After a JAX computation XLA:CPU's threads have their arenas: nothing is set, state()
-  names the fix, and the faults stay. MALLOC_* values of the user's own are left alone."""
+  """After a JAX computation XLA has read its flags: nothing is set, state() names the fix,
+  and the faults stay. MALLOC_* values of the user's own are left alone."""
   late_state, late = _python(FAULTS, _clean_env(), early="jnp.ones(1).block_until_ready()")
   assert late_state == host_allocator.TOO_LATE
   assert "Import cnnjax before running any JAX computation" in late_state
-  assert int(late) >= 0.9 * CALLS * BUFFER_BYTES / PAGE
+  assert int(late) >= 0.9 * CALLS * TEMPORARY_PAGES
   code = "import cnnjax\nfrom cnnjax import host_allocator\nprint(host_allocator.state())\nprint(0)"
   state, _ = _python(code, _clean_env(MALLOC_ARENA_MAX="4"))
   assert state == "the user's own settings stand (MALLOC_ARENA_MAX=4)"
@@ -117,15 +136,22 @@ def test_the_measurement_records_this_machines_choice_and_a_new_one_replaces_it(
   assert host_allocator.measure(rounds=1)["choice"] == "off"
   monkeypatch.setattr(tuning, "_tables", {})
   assert host_allocator.measured_choice() == "off"
+  # A choice measured with other settings (one arena, before) is no choice for these.
+  table = tuning._table(tuning.current_mode())
+  table.record(host_allocator.TUNING_ENTRY, {"choice": "off", "settings": "one arena"},
+               replace=True)
+  assert tuning.lookup(host_allocator.TUNING_ENTRY) == "off"
+  assert host_allocator.measured_choice() is None
 
 
 def test_a_refused_mallopt_is_one_warning_naming_it(monkeypatch):
   monkeypatch.setitem(host_allocator._state, "state", "not applied yet")
   monkeypatch.setattr(host_allocator, "decide", lambda *args: "apply")
   monkeypatch.setattr(host_allocator, "_mallopt",
-                      lambda: lambda parameter, value: 0 if parameter == -8 else 1)
-  with pytest.warns(UserWarning, match=r"mallopt refused M_ARENA_MAX;") as caught:
-    assert host_allocator.apply() == "partly applied: mallopt refused M_ARENA_MAX"
+                      lambda: lambda parameter, value: 0 if parameter == -2 else 1)
+  monkeypatch.setenv("XLA_FLAGS", f"--{host_allocator.HEAP_OPTION}=1")  # the user's value
+  with pytest.warns(UserWarning, match=r"mallopt refused M_TOP_PAD;") as caught:
+    assert host_allocator.apply() == "partly applied: mallopt refused M_TOP_PAD"
   assert len(caught) == 1
 
 

@@ -69,7 +69,8 @@ print(json.dumps({
 
 def _run(order="import first", **env):
   environment = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "CNNJAX_XLA_FLAGS")}
-  environment.update(env)
+  # The allocator's heap size goes into XLA_FLAGS too (tests/test_host_allocator.py): off here.
+  environment.update(CNNJAX_HOST_ALLOCATOR="0", **env)
   out = subprocess.run([sys.executable, "-c", _PROGRAMS, order], cwd=REPO, env=environment,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]

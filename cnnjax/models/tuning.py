@@ -186,13 +186,20 @@ def forget_tables() -> None:
   _tables.clear()
 
 
-def lookup(name: str) -> str | None:
-  """The stored choice for `name` in the mode in force, or None; never measures."""
+def lookup_entry(name: str) -> dict | None:
+  """The stored entry for `name` in the mode in force (its choice and what it measured), or
+  None; never measures."""
   mode = current_mode()
   if mode == "off":
     return None
   entry = _table(mode).entries.get(name)
-  return entry.get("choice") if isinstance(entry, dict) else None
+  return entry if isinstance(entry, dict) else None
+
+
+def lookup(name: str) -> str | None:
+  """The stored choice for `name` in the mode in force, or None; never measures."""
+  entry = lookup_entry(name)
+  return entry.get("choice") if entry else None
 
 
 def decide(name: str, candidates: Callable[[], Mapping[str, Candidate]], static: str) -> str:
