@@ -3,11 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# `import cnnjax` sets glibc's malloc so that XLA:CPU reuses its step buffers
-# (cnnjax/host_allocator.py); nothing is needed here for it. The test suite opts out: it is
-# mostly compilation, which one malloc arena slows (BENCHMARKS.md, host allocator), and the
-# tests about the settings start processes of their own without the opt-out.
-WITHOUT_ALLOCATOR = env CNNJAX_HOST_ALLOCATOR=0
+# `import cnnjax` sets glibc's malloc and XLA's heap size so that XLA:CPU reuses its step
+# buffers (cnnjax/host_allocator.py); nothing is needed here for it, the tests included: the
+# settings no longer slow compilation (BENCHMARKS.md, host allocator).
 
 .PHONY: install test test-torch run bench bench-accelerator docs clean
 
@@ -22,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(WITHOUT_ALLOCATOR) $(BIN)/python -m pytest -n 2 --dist loadgroup -q -m "not torch"
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q -m "not torch"
 
 run: $(STAMP)
 	$(BIN)/python -m experiments.run $(ARGS)
@@ -44,7 +42,7 @@ $(TORCH_STAMP): $(BENCH_STAMP)
 	touch $(TORCH_STAMP)
 
 test-torch: $(TORCH_STAMP)
-	$(WITHOUT_ALLOCATOR) $(BIN)/python -m pytest -n 2 -q -m torch tests/test_weights_torch.py tests/test_training_parity_torch.py
+	$(BIN)/python -m pytest -n 2 -q -m torch tests/test_weights_torch.py tests/test_training_parity_torch.py
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.train_step $(ARGS)

@@ -191,9 +191,14 @@ def compile_times(name: str, size: int) -> dict:
   what the training loop uses) finds the step without tracing it.
   """
   def child(cache, through_step_cache):
+    from cnnjax import host_allocator  # noqa: PLC0415
+
+    # Opted out of the allocator settings: with them a step whose temporaries exceed one heap
+    # (this one's do) cannot be serialised, and compiles afresh in each process.
+    env = {**host_allocator.without_settings(os.environ), host_allocator.ENV_OPT_OUT: "0"}
     out = subprocess.run([sys.executable, "-c", _COMPILE_CHILD, name, cache, str(size),
                           "1" if through_step_cache else "0"],
-                         check=True, capture_output=True, text=True, cwd=REPO)
+                         check=True, capture_output=True, text=True, cwd=REPO, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
   with tempfile.TemporaryDirectory() as cache:

@@ -12,7 +12,7 @@ the step's CPU time. BENCHMARKS.md has the measurements.
 What. `apply()`, which `import cnnjax` calls, makes every such buffer fit in a
 thread's heap, and the heap keep it for the next step:
 - `HEAP_FLAG`, appended to `XLA_FLAGS`, has XLA split a step's temporaries into
-  allocations of at most 30 MiB (`xla_multiheap_size_constraint_per_heap`);
+  allocations of at most 60 MiB (`xla_multiheap_size_constraint_per_heap`);
 - `SETTINGS`, set with glibc's `mallopt` (through ctypes): no `mmap`, no
   trimming, and a top pad of a whole heap, so that glibc never deletes a
   thread's heap once made.
@@ -48,7 +48,11 @@ stands and only the `mallopt` settings are made.
 Cost. Memory: the process keeps its peak heaps until it exits, as a caching
 allocator does, and each thread that has run a step keeps its own copy of the
 step's buffers: MobileNet v2's process above peaked at 1.67 GB against 1.29 GB
-without.
+without. And caching: XLA:CPU cannot serialise a program whose temporaries were
+split (more than 60 MiB of them), so such a program is written neither to JAX's
+persistent cache (whose warning for it `apply` silences) nor to cnnjax's step
+cache (which logs it once per step): it compiles afresh in each process. Smaller
+programs, most of them, keep one allocation and are cached as before.
 """
 
 from __future__ import annotations
@@ -74,10 +78,13 @@ SETTINGS = {
     "M_TOP_PAD": (-2, 1 << 26),  # ... and a thread's heap (64 MiB at most) is never deleted.
 }
 HEAP_OPTION = "xla_multiheap_size_constraint_per_heap"
-# A step's temporaries in allocations of at most 30 MiB: two fit in one 64 MiB thread heap.
-HEAP_FLAG = f"--{HEAP_OPTION}={30 << 20}"
+# A step's temporaries in allocations of at most 60 MiB, each within a 64 MiB thread heap.
+# A program whose temporaries fit in one (most programs) keeps one allocation, which XLA:CPU
+# can serialise; one split into several cannot be (`SERIALISE_ERROR`).
+HEAP_FLAG = f"--{HEAP_OPTION}={60 << 20}"
+SERIALISE_ERROR = "Multiple temp buffer allocations found"
 # Which settings a machine's measurement was made with: one made with others is not used.
-SETTINGS_NAME = "thread heaps: no mmap, no trim, top pad 64 MiB, XLA heaps of 30 MiB"
+SETTINGS_NAME = "thread heaps: no mmap, no trim, top pad 64 MiB, XLA heaps of 60 MiB"
 TOO_LATE = ("too late: JAX's backends started before `import cnnjax`, so XLA has read its "
             "flags and each step's buffers are faulted in again. "
             "Import cnnjax before running any JAX computation (in a notebook, restart the "
@@ -152,6 +159,10 @@ def apply() -> str:
   failed = [name for name, (parameter, value) in SETTINGS.items() if mallopt(parameter, value) != 1]
   if HEAP_OPTION not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {HEAP_FLAG}".strip()
+  # JAX's persistent cache warns for each program it cannot write; these compile afresh in
+  # each process, as the module docstring says, and are not worth a warning each.
+  warnings.filterwarnings("ignore", message=f"Error writing persistent compilation cache entry "
+                          f".*{SERIALISE_ERROR}")
   if failed:
     # Never an error: the import must succeed; the process runs as it would have without.
     warnings.warn(f"cnnjax.host_allocator: glibc's mallopt refused {', '.join(failed)}; "

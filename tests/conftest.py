@@ -7,6 +7,7 @@ test session is one.
 import json
 import os
 import pathlib
+import shutil
 import tempfile
 
 import jax
@@ -25,11 +26,18 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 os.environ["CNNJAX_TEST_CACHE"] = _CACHE  # subprocess workers share it
 # Datasets that a test prepares without naming a directory go to this session's own, never to
 # the user's ~/tensorflow_datasets (subprocess workers inherit it).
+# The process that made it (xdist's controller, whose workers inherit it) removes it at the end.
+_OWN_DATA_DIR = None
 if not os.environ.get("CNNJAX_DATA_DIR"):
-  os.environ["CNNJAX_DATA_DIR"] = tempfile.mkdtemp(prefix="cnnjax-test-data-")
+  _OWN_DATA_DIR = os.environ["CNNJAX_DATA_DIR"] = tempfile.mkdtemp(prefix="cnnjax-test-data-")
 # The CPU lowering's static heuristics: no per-machine measurement, so every machine
 # traces the same programs (tests/test_tuning.py measures in its own directories).
 os.environ.setdefault("CNNJAX_TUNING", "off")
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if _OWN_DATA_DIR:
+    shutil.rmtree(_OWN_DATA_DIR, ignore_errors=True)
 
 
 def run_compiled_quickly(fn, *args):

@@ -188,3 +188,19 @@ def test_an_unwritable_cache_directory_costs_the_cache_not_the_step(tmp_path, ca
   _, metrics = compiled(_copy(state), batch)
   assert np.isfinite(float(metrics["loss"]))
   assert not_a_directory.read_text() == "a user's file, kept"
+
+
+def test_a_step_whose_temporaries_lie_in_several_heaps_runs_uncached(tmp_path, caplog):
+  """XLA:CPU cannot serialise such a program (cnnjax.host_allocator asks for several heaps
+  where a program's temporaries exceed one): the step costs the cache, never the run."""
+  _, train, state, batch = _setup()
+  options = {"xla_multiheap_size_constraint_per_heap": 1024}  # every temporary its own heap
+  with caplog.at_level(logging.WARNING, logger="cnnjax.train"):
+    compiled, loaded = step_cache.load_or_compile(train, (state, batch), description=DESCRIPTION,
+                                                  compiler_options=options, cache_dir=tmp_path)
+  assert not loaded and "cannot be serialised" in caplog.text
+  assert "Multiple temp buffer allocations" in caplog.text
+  assert list(tmp_path.iterdir()) == []
+  reference, _ = step_cache.load_or_compile(train, (state, batch), description=DESCRIPTION,
+                                            cache_dir=tmp_path / "whole")
+  assert np.array_equal(*(float(c(_copy(state), batch)[1]["loss"]) for c in (compiled, reference)))

@@ -170,7 +170,10 @@ def load_or_compile(jitted, args: tuple, *, description: Any,
     compiled = compile_now()
   try:
     payload = pickle.dumps(serialize_executable.serialize(compiled))
-  except (ValueError, NotImplementedError, pickle.PicklingError, TypeError) as error:
+  except (ValueError, NotImplementedError, pickle.PicklingError, TypeError,
+          jax.errors.JaxRuntimeError) as error:
+    # XLA:CPU cannot serialise a program whose temporaries lie in several heaps, which
+    # cnnjax.host_allocator asks for where they exceed one: it compiles afresh in each process.
     log.warning("cnnjax step cache: this step cannot be serialised (%s); not cached", error)
   else:
     try:
