@@ -10,9 +10,10 @@ and each with an opt-out:
 - `cnnjax.xla_cpu`: XLA:CPU keeps convolutions with XLA rather than YNNPACK, so
   a plain `jax.jit` of a model compiles as cnnjax's own steps do
   (`CNNJAX_XLA_FLAGS=0` opts out);
-- `cnnjax.host_allocator`: glibc's malloc keeps XLA:CPU's step buffers for the
-  next step instead of faulting them in again (`CNNJAX_HOST_ALLOCATOR=0` opts
-  out). Import cnnjax before the first JAX computation for it to take effect.
+- `cnnjax.host_allocator`: XLA's heap size (in `XLA_FLAGS`) and glibc's malloc
+  settings keep XLA:CPU's step buffers in each thread's heap for the next step
+  instead of faulting them in again (`CNNJAX_HOST_ALLOCATOR=0` opts out). Import
+  cnnjax before the first JAX computation for it to take effect.
 """
 
 from cnnjax import host_allocator, xla_cpu

@@ -31,14 +31,23 @@ def _slow_storage(seconds: float, markers: str | None) -> None:
   import concurrent.futures  # noqa: PLC0415
   import pathlib  # noqa: PLC0415
   import threading  # noqa: PLC0415
+  import time  # noqa: PLC0415
 
   from orbax.checkpoint._src.checkpointers import async_checkpointer  # noqa: PLC0415
 
   original = async_checkpointer._background_wait_for_commit_futures
 
+  def write_slowly(write):
+    # Many short sleeps, not one timer: a process suspended meanwhile still has the rest of
+    # the write ahead of it when it continues, so its timed wait, whose deadline passed while
+    # suspended, always times out first (a timer's deadline would pass too, and race it).
+    for _ in range(max(1, round(seconds / 0.01))):
+      time.sleep(0.01)
+    write.set_result(None)
+
   def slow(directory, commit_futures, *args, **kwargs):
     write = concurrent.futures.Future()
-    threading.Timer(seconds, write.set_result, (None,)).start()
+    threading.Thread(target=write_slowly, args=(write,), daemon=True).start()
     if markers:
       pathlib.Path(markers, f"commit-{threading.get_ident()}-{id(write)}").touch()
     return original(directory, [*commit_futures, write], *args, **kwargs)
