@@ -11,6 +11,7 @@ the step's CPU time. BENCHMARKS.md has the measurements.
 
 What. `apply()`, which `import cnnjax` calls, makes every such buffer fit in a
 thread's heap, and the heap keep it for the next step:
+
 - `HEAP_FLAG`, appended to `XLA_FLAGS`, has XLA split a step's temporaries into
   allocations of at most 60 MiB (`xla_multiheap_size_constraint_per_heap`);
 - `SETTINGS`, set with glibc's `mallopt` (through ctypes): no `mmap`, no
