@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # buffers (cnnjax/host_allocator.py); nothing is needed here for it. The test suite opts out:
 # it is mostly compilation, shared between its processes through JAX's persistent cache,
 # which cannot hold a program whose temporaries the settings split; a fresh clone took 17:42
-# with them against 16:31 without (BENCHMARKS.md, the test suite). The tests about the
+# with them against 16:50 without (BENCHMARKS.md, the test suite). The tests about the
 # settings start processes of their own without the opt-out.
 WITHOUT_ALLOCATOR = env CNNJAX_HOST_ALLOCATOR=0
 
