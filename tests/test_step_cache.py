@@ -195,11 +195,13 @@ def test_a_step_whose_temporaries_lie_in_several_heaps_runs_uncached(tmp_path, c
   where a program's temporaries exceed one): the step costs the cache, never the run."""
   _, train, state, batch = _setup()
   options = {"xla_multiheap_size_constraint_per_heap": 1024}  # every temporary its own heap
-  with caplog.at_level(logging.WARNING, logger="cnnjax.train"):
+  with caplog.at_level(logging.INFO, logger="cnnjax.train"):
     compiled, loaded = step_cache.load_or_compile(train, (state, batch), description=DESCRIPTION,
                                                   compiler_options=options, cache_dir=tmp_path)
   assert not loaded and "cannot be serialised" in caplog.text
-  assert "Multiple temp buffer allocations" in caplog.text
+  # A deliberate trade of the allocator's settings, said at INFO: not a warning to act on.
+  [record] = [r for r in caplog.records if "cannot be serialised" in r.getMessage()]
+  assert record.levelno == logging.INFO and step_cache.MULTIPLE_HEAPS in record.getMessage()
   assert list(tmp_path.iterdir()) == []
   reference, _ = step_cache.load_or_compile(train, (state, batch), description=DESCRIPTION,
                                             cache_dir=tmp_path / "whole")

@@ -51,6 +51,8 @@ from cnnjax.models import lowering, tuning
 log = logging.getLogger("cnnjax.train")
 
 SUBDIRECTORY = "cnnjax-steps"
+# XLA:CPU's refusal to serialise a program whose temporaries lie in several heaps.
+MULTIPLE_HEAPS = "Multiple temp buffer allocations"
 _PACKAGE_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # JAX options that change neither the program nor how it compiles.
 _IRRELEVANT_CONFIG = ("cache", "log", "traceback", "dump", "pprint", "explain")
@@ -174,7 +176,10 @@ def load_or_compile(jitted, args: tuple, *, description: Any,
           jax.errors.JaxRuntimeError) as error:
     # XLA:CPU cannot serialise a program whose temporaries lie in several heaps, which
     # cnnjax.host_allocator asks for where they exceed one: it compiles afresh in each process.
-    log.warning("cnnjax step cache: this step cannot be serialised (%s); not cached", error)
+    # That trade is deliberate, so it is not a warning (the quickstart's own step makes it).
+    expected = MULTIPLE_HEAPS in str(error)
+    log.log(logging.INFO if expected else logging.WARNING,
+            "cnnjax step cache: this step cannot be serialised (%s); not cached", error)
   else:
     try:
       fileio.write_atomically(path, payload)
