@@ -152,6 +152,25 @@ def test_checkpoints_between_evaluations_resume_to_the_same_params(reference_run
   assert [r["from_step_cache"] for r in compiles] == [0.0, 1.0]
 
 
+def test_another_seed_loads_the_compiled_step_and_trains_as_if_compiled_afresh(reference_run,
+                                                                             tmp_path):
+  """The seed picks the initial state and the data order, made outside the steps: the trials
+  of a sweep over seeds share one compiled step, and what it trains does not change."""
+  reference, overrides = reference_run
+  other_seed = {**overrides, "seed": 1, "stop_after_steps": 8}
+  _worker(tmp_path / "shared", other_seed)  # the reference run's cache holds its step
+  _worker(tmp_path / "afresh", other_seed, cache=tmp_path / "cold")
+
+  def compiles(workdir):
+    return [r["from_step_cache"] for r in read_metrics(workdir / "metrics.jsonl")
+            if r["split"] == "compile"]
+
+  assert compiles(tmp_path / "shared") == [1.0] and compiles(tmp_path / "afresh") == [0.0]
+  shared, afresh = _params(tmp_path / "shared"), _params(tmp_path / "afresh")
+  assert _max_diff(shared, afresh) == 0.0
+  assert _max_diff(shared, _params(reference)) > 0  # the seed did change the run
+
+
 def test_a_corrupt_newest_checkpoint_resumes_from_the_one_before(reference_run, tmp_path):
   reference, overrides = reference_run
   workdir = tmp_path / "run"

@@ -47,6 +47,8 @@ from cnnjax.train.logs import MetricWriter
 log = logging.getLogger("cnnjax.train")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Config keys that no compiled step depends on, left out of the step cache's key.
+NOT_IN_STEPS = ("seed",)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -321,9 +323,11 @@ def build(config: ml_collections.ConfigDict) -> _Run:
   # config and these numbers derived from the dataset. Keys that only change how the run
   # goes (where the data lives, when it stops or logs) are left out, so a resumed or
   # relocated run finds its step again; the parallelism stays, since it picks the program.
+  # So is the seed: it picks the initial state and the data order, both made outside the
+  # steps (whose keys come from the state), so the trials of a sweep over seeds compile once.
   how_it_runs = tuple(k for k in config_lib.RESUMABLE_CHANGES if k != "parallelism")
   step_description = {"config": {k: v for k, v in _flat(config).items()
-                                 if not k.startswith(how_it_runs)},
+                                 if not k.startswith(how_it_runs) and k not in NOT_IN_STEPS},
                       "num_classes": num_classes,
                       "image_shape": image_shape, "total_steps": total_steps,
                       "steps_per_epoch": steps_per_epoch}
