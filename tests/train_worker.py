@@ -27,7 +27,7 @@ if os.environ.get("CNNJAX_TEST_CACHE"):
 def _slow_storage(seconds: float, markers: str | None) -> None:
   """Every asynchronous checkpoint commit also waits for a write that takes `seconds`: storage
   slow enough for a test to suspend the process while a commit is in flight. With `markers`,
-  a file there says when each commit's timed wait begins."""
+  a file there says when each commit's timed wait has begun."""
   import concurrent.futures  # noqa: PLC0415
   import pathlib  # noqa: PLC0415
   import threading  # noqa: PLC0415
@@ -37,20 +37,31 @@ def _slow_storage(seconds: float, markers: str | None) -> None:
 
   original = async_checkpointer._background_wait_for_commit_futures
 
-  def write_slowly(write):
-    # Many short sleeps, not one timer: a process suspended meanwhile still has the rest of
-    # the write ahead of it when it continues, so its timed wait, whose deadline passed while
-    # suspended, always times out first (a timer's deadline would pass too, and race it).
-    for _ in range(max(1, round(seconds / 0.01))):
-      time.sleep(0.01)
-    write.set_result(None)
+  class SlowWrite(concurrent.futures.Future):
+    """A write that starts when it is first waited for. Orbax waits for a commit's futures in
+    order against one deadline taken before the first, and this one is last: when its marker
+    appears, the deadline is already running, and all of the write still lies ahead. A
+    process suspended then for longer than the timeout always times out on continuing."""
+
+    started = False
+
+    def result(self, timeout=None):
+      if not self.started:
+        self.started = True
+        threading.Thread(target=self._write, daemon=True).start()
+        if markers:
+          pathlib.Path(markers, f"commit-{threading.get_ident()}-{id(self)}").touch()
+      return super().result(timeout)
+
+    def _write(self):
+      # Many short sleeps, not one timer: after a suspension the rest of the write is
+      # still ahead (a timer's deadline would pass during it too, and race the wait's).
+      for _ in range(max(1, round(seconds / 0.01))):
+        time.sleep(0.01)
+      self.set_result(None)
 
   def slow(directory, commit_futures, *args, **kwargs):
-    write = concurrent.futures.Future()
-    threading.Thread(target=write_slowly, args=(write,), daemon=True).start()
-    if markers:
-      pathlib.Path(markers, f"commit-{threading.get_ident()}-{id(write)}").touch()
-    return original(directory, [*commit_futures, write], *args, **kwargs)
+    return original(directory, [*commit_futures, SlowWrite()], *args, **kwargs)
 
   async_checkpointer._background_wait_for_commit_futures = slow
 
