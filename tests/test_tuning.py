@@ -191,3 +191,45 @@ def test_a_measured_candidate_computes_its_forward_pass_too():
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
   assert float(value) == pytest.approx(float(np.vdot(np.asarray(forward), cotangent)), rel=1e-4)
   assert grad_x.shape == lhs and grad_w.shape == rhs
+
+
+def test_inference_takes_the_forward_pass_measured_alone_and_training_its_own(table_dir,
+                                                                             monkeypatch):
+  """Differentiated, an im2col convolution's patch matrix is built for the gradients anyway;
+  alone, only the forward pass runs. Each is decided by its own measurement, and both
+  compute the convolution."""
+  import jax.numpy as jnp
+  import numpy as np
+  from jax import lax
+
+  _fake_times(monkeypatch, {"xla": 2.0, "im2col": 1.0, "im2col_matmul": 0.5})
+  assert lowering.choose(*SHAPE) == "im2col_matmul"  # a training step's forward: the patches
+  calls = _fake_times(monkeypatch, {"xla": 0.5, "patch": 1.0})
+  conv = lambda x, w: lowering.conv_general_dilated(  # noqa: E731
+      x, w, (1, 1), "SAME", dimension_numbers=NHWC)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal(SHAPE[0]).astype(np.float32)
+  w = rng.standard_normal(SHAPE[1]).astype(np.float32)
+  cotangent = rng.standard_normal((2, 4, 4, 16)).astype(np.float32)
+  loss = lambda x, w: jnp.vdot(conv(x, w), cotangent)  # noqa: E731
+  # With the forward's value, which the gradients alone do not need (XLA would drop it).
+  grad = jax.value_and_grad(loss, (0, 1))
+  inference_program = jax.jit(conv).lower(x, w).as_text()
+  training_program = jax.jit(grad).lower(x, w).as_text()
+  assert calls == [["patch", "xla"]]  # measured once, for both programs
+  assert "stablehlo.convolution" in inference_program
+  assert "stablehlo.convolution" not in training_program
+  [entry] = [e for name, e in _entries(tuning.table_path()).items()
+             if name.startswith("forward conv ")]
+  assert entry["choice"] == "xla" and entry["static"] == "patch"
+
+  reference = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",  # noqa: E731
+                                                    dimension_numbers=NHWC)
+  np.testing.assert_allclose(jax.jit(conv)(x, w), reference(x, w), rtol=1e-5, atol=1e-5)
+  want = jax.value_and_grad(lambda x, w: jnp.vdot(reference(x, w), cotangent), (0, 1))(x, w)
+  for got, expected in zip(jax.tree.leaves(jax.jit(grad)(x, w)), jax.tree.leaves(want)):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+  with tuning.use("off"):  # without a measurement, both forwards are the heuristic's "im2col"
+    assert lowering.choose(*SHAPE) == "im2col"
+    assert "stablehlo.convolution" in jax.jit(conv).lower(x, w).as_text()
+    assert "stablehlo.convolution" in jax.jit(grad).lower(x, w).as_text()

@@ -22,9 +22,12 @@ forward pass). On CPU, `conv_general_dilated` computes what
 - "im2col" / "im2col_matmul": a kxk convolution whose backward pass gathers
   the k*k shifted (strided) views of the padded input into one (positions,
   k*k*in) patch matrix: the filter gradient is one matmul with it, the input
-  gradient a matmul scattered back through the views. The forward pass is
-  XLA's convolution ("im2col") or the patch matrix times the kernel
-  ("im2col_matmul");
+  gradient a matmul scattered back through the views. In a training step the
+  forward pass is XLA's convolution ("im2col") or the patch matrix times the
+  kernel ("im2col_matmul"); where nothing differentiates the convolution
+  (inference), a measurement of the forward pass alone picks between the two
+  (`_tuned_forward_choice`), since there no patch matrix is built for the
+  gradients;
 - "shift_add": a depthwise convolution (one input channel per group) is the
   sum over the k*k window offsets of shifted views times a per-channel weight,
   elementwise work XLA fuses into one loop, with a hand-written backward pass
@@ -229,6 +232,43 @@ def _tuned_dense_choice(lhs_shape, rhs_shape, strides, dilation, pads, dtype) ->
     return {method: prepare(method) for method in DENSE_METHODS}
 
   return tuning.decide(name, candidates, static=static_choice(out_h * out_w))
+FORWARD_METHODS = ("xla", "patch")
+
+
+def _tuned_forward_choice(lhs_shape, rhs_shape, strides, dilation, pads, dtype,
+                          static: str) -> str:
+  """Where an im2col convolution is not differentiated: XLA's convolution ("xla") or the
+  patch matrix ("patch") computes its forward pass, measured alone. `static` is what the
+  training step's forward uses (the choice without a measurement)."""
+  name = (f"forward conv {'x'.join(map(str, lhs_shape))} kernel "
+          f"{'x'.join(map(str, rhs_shape))} stride {strides} dilation {dilation} pads {pads} "
+          f"{dtype}")
+
+  def candidates():
+    def prepare(method):
+      out_spatial = _out_spatial(
+          (lhs_shape[0], *(lhs_shape[1 + a] + sum(pads[a]) for a in range(2)), lhs_shape[3]),
+          rhs_shape[:2], strides, dilation)
+      geometry = _Geometry(tuple(rhs_shape[:2]), strides, dilation, out_spatial, None,
+                           xla_forward=method == "xla", inference_xla_forward=method == "xla")
+      forward = lambda x, w: _dense_conv(_pad_spatial(x, pads, 0), w, geometry)  # noqa: E731
+      return lambda: _compiled_forward(forward, lhs_shape, rhs_shape, dtype,
+                                       compiler_options("cpu"))
+    return {method: prepare(method) for method in FORWARD_METHODS}
+
+  return tuning.decide(name, candidates, static=static)
+
+
+def _compiled_forward(conv, lhs_shape, rhs_shape, dtype, options):
+  """A run of the compiled forward pass of `conv` alone on random data: what inference
+  computes of it."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(lhs_shape), dtype)
+  w = jnp.asarray(rng.standard_normal(rhs_shape) / np.sqrt(np.prod(rhs_shape[:3])), dtype)
+  compiled = jax.jit(conv).lower(x, w).compile(compiler_options=options)
+  return lambda: jax.block_until_ready(compiled(x, w))
+
+
 def _pad_spatial(x, pads, value):
   """NHWC `x` padded on H and W with `value` (negative padding crops, as in convolutions)."""
   if all(tuple(p) == (0, 0) for p in pads):
@@ -293,8 +333,11 @@ def _conv_by(method: str, lhs, rhs, *, strides, dilation, pads, precision, dtype
   if method == "pointwise":
     columns = _windows(padded, (1, 1), strides, dilation, out_spatial)[0]
     return _matmul(columns, rhs.reshape(in_per_group, out_features), precision, dtype)
+  inference = _tuned_forward_choice(tuple(lhs.shape), tuple(rhs.shape), strides, dilation,
+                                    pads, np.dtype(lhs.dtype).name,
+                                    static="xla" if method == "im2col" else "patch")
   geometry = _Geometry((kh, kw), strides, dilation, out_spatial, precision,
-                       xla_forward=method == "im2col")
+                       xla_forward=method == "im2col", inference_xla_forward=inference == "xla")
   out = _dense_conv(padded, rhs, geometry)
   return out if dtype is None else out.astype(dtype)
 
@@ -387,7 +430,8 @@ class _Geometry(NamedTuple):
   dilation: tuple[int, int]
   out_spatial: tuple[int, int]
   precision: Any
-  xla_forward: bool
+  xla_forward: bool  # in a training step (the forward of `_dense_conv_fwd`)
+  inference_xla_forward: bool  # where nothing differentiates it (`_dense_conv` itself)
 
 
 def _matmul(rows, matrix, precision, dtype=None):
@@ -416,8 +460,18 @@ def _dense_conv(padded, kernel, geometry: _Geometry):
   On these small maps XLA:CPU's gradients are its slowest convolutions (a 3x3
   stride-2 layer from 4x4 to 2x2 x512: 71 ms against 6 ms), so both gradients
   come from the patch matrix whatever computed the forward pass.
+
+  Which computes the forward pass is chosen twice. Differentiated (`_dense_conv_fwd`),
+  the patch matrix is built for the gradients anyway and XLA computes it once for both,
+  so the patch-matrix forward often costs nothing more. Not differentiated (inference),
+  only the forward pass runs, and there XLA's convolution was up to 1.9x faster than
+  the patch matrix on ResNet-18's stride-2 layers (BENCHMARKS.md, `conv_layers`).
   """
-  if geometry.xla_forward:
+  return _dense_forward(padded, kernel, geometry, geometry.inference_xla_forward)
+
+
+def _dense_forward(padded, kernel, geometry: _Geometry, xla_forward: bool):
+  if xla_forward:
     return lax.conv_general_dilated(padded, kernel, geometry.strides, "VALID",
                                     rhs_dilation=geometry.dilation,
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -428,7 +482,7 @@ def _dense_conv(padded, kernel, geometry: _Geometry):
 
 
 def _dense_conv_fwd(padded, kernel, geometry):
-  return _dense_conv(padded, kernel, geometry), (padded, kernel)
+  return _dense_forward(padded, kernel, geometry, geometry.xla_forward), (padded, kernel)
 
 
 def _dense_conv_bwd(geometry, residuals, grad):
