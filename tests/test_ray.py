@@ -85,13 +85,22 @@ def test_a_ray_sweep_equals_the_sequential_one_row_for_row_and_runs_trials_at_on
   assert max(s for s, _ in spans) < min(e for _, e in spans), spans
 
 
+@pytest.fixture(scope="module")
+def one_trial_reference(digits_data_dir, tmp_path_factory):
+  """The 60-step sweep of one trial that the worker tests interrupt, run in order, uninterrupted:
+  its config and the trial's result."""
+  config = _sweep_config(digits_data_dir, names=("a",), steps=60)
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  kinds.run(config, workdir, launcher=launch.Local())
+  return config, read_status(trial_dir(workdir, 0, Trial("a", {})))["result"]
+
+
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
 def test_a_killed_or_preempted_worker_is_retried_and_its_trial_resumes_to_the_same_result(
-    cluster, digits_data_dir, tmp_path, how):
+    cluster, one_trial_reference, tmp_path, how):
   """SIGKILL: the retry resumes from the last periodic checkpoint. SIGTERM (a preempted
   node): the worker saves at its current step first, and the retry resumes from there."""
-  config = _sweep_config(digits_data_dir, names=("a",), steps=60)
-  kinds.run(config, tmp_path / "uninterrupted", launcher=launch.Local())
+  config, reference = one_trial_reference
   directory = trial_dir(tmp_path / "ray", 0, Trial("a", {}))
   outcome = {}
   sweep = threading.Thread(target=lambda: outcome.update(kinds.run(
@@ -110,9 +119,8 @@ def test_a_killed_or_preempted_worker_is_retried_and_its_trial_resumes_to_the_sa
   sweep.join(timeout=300)
   status = read_status(directory)
   assert status["status"] == "done"
-  reference = read_status(trial_dir(tmp_path / "uninterrupted", 0, Trial("a", {})))
   for key in ("top1", "loss", "step"):
-    assert status["result"][key] == reference["result"][key], key
+    assert status["result"][key] == reference[key], key
   # Two attempts, each compiled its step once: the second resumed from a checkpoint.
   metrics = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
   compiles = [m["step"] for m in metrics if m.get("split") == "compile"]
