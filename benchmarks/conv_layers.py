@@ -64,28 +64,19 @@ class ConvLayer:
 
 def layers(name: str, size: int, batch: int) -> collections.Counter:
   """The model's convolutions at `batch` images of `size` px, with how often each occurs."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-
   import cnnjax  # noqa: PLC0415
-  from cnnjax.models import lowering  # noqa: PLC0415
+  from cnnjax import analysis  # noqa: PLC0415
 
-  model = cnnjax.create_model(name, num_classes=10)
-  image = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
-  with lowering.use("xla"):
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(image.shape),
-                                                  train=False))
-    closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, image)
+  # Traced as `cnnjax.analysis` traces: plain XLA convolutions, one primitive per layer.
+  _, _, closed = analysis._trace(cnnjax.create_model(name, num_classes=10),
+                                 (batch, size, size, 3), 3)
   found = collections.Counter()
 
   def walk(jaxpr, image_var):
     for eqn in jaxpr.eqns:
-      for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        sub = eqn.params.get(key)
-        if sub is not None:
-          sub = sub.jaxpr if hasattr(sub, "jaxpr") else sub
-          inner = {s for s, o in zip(sub.invars, eqn.invars) if o is image_var}
-          walk(sub, next(iter(inner), None))
+      for sub in analysis._sub_jaxprs(eqn):
+        inner = {s for s, o in zip(sub.invars, eqn.invars) if o is image_var}
+        walk(sub, next(iter(inner), None))
       if eqn.primitive.name != "conv_general_dilated":
         continue
       lhs, rhs = (v.aval.shape for v in eqn.invars[:2])

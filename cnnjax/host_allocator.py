@@ -52,7 +52,7 @@ step's buffers: MobileNet v2's process above peaked at 1.67 GB against 1.29 GB
 without. And caching: XLA:CPU cannot serialise a program whose temporaries were
 split (more than 60 MiB of them), so such a program is written neither to JAX's
 persistent cache (whose warning for it `apply` silences) nor to cnnjax's step
-cache (which logs it once per step): it compiles afresh in each process. Smaller
+cache (which says so in an INFO line): it compiles afresh in each process. Smaller
 programs, most of them, keep one allocation and are cached as before.
 """
 
