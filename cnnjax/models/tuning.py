@@ -108,8 +108,13 @@ def cpu_description() -> dict:
   vector = sorted(f for f in flags if re.match(r"(avx|amx|fma|sve|asimd|neon)", f))
   import jaxlib  # noqa: PLC0415
 
+  from cnnjax.models import onednn  # noqa: PLC0415
+
+  # The oneDNN wheel's version, or None: a table measured without its candidates is not
+  # the one measured with them.
   return {"model": model, "machine": platform.machine(), "vector_extensions": vector,
-          "cores": os.cpu_count(), "jaxlib": jaxlib.__version__, "measurement": MEASUREMENT}
+          "cores": os.cpu_count(), "jaxlib": jaxlib.__version__, "measurement": MEASUREMENT,
+          "onednn": onednn.installed_version()}
 
 
 def table_path() -> pathlib.Path:

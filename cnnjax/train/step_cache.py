@@ -46,7 +46,7 @@ from jax.experimental import serialize_executable
 from jax.experimental.compilation_cache import compilation_cache
 
 from cnnjax import fileio
-from cnnjax.models import lowering, tuning
+from cnnjax.models import lowering, onednn, tuning
 
 log = logging.getLogger("cnnjax.train")
 
@@ -68,9 +68,9 @@ def directory() -> pathlib.Path | None:
 
 @functools.cache
 def source_hash() -> str:
-  """sha256 of every Python file of the cnnjax package (path and contents)."""
+  """sha256 of every Python and C++ file of the cnnjax package (path and contents)."""
   digest = hashlib.sha256()
-  for path in sorted(_PACKAGE_ROOT.rglob("*.py")):
+  for path in sorted([*_PACKAGE_ROOT.rglob("*.py"), *_PACKAGE_ROOT.rglob("*.cc")]):
     digest.update(str(path.relative_to(_PACKAGE_ROOT)).encode())
     digest.update(path.read_bytes())
   return digest.hexdigest()
@@ -122,6 +122,10 @@ def entry_key(material: dict[str, Any]) -> str:
 def _load(path: pathlib.Path):
   try:
     payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+    if tuning.current_mode() != "off" and jax.default_backend() == "cpu":
+      # The step may call oneDNN's convolutions (a measured choice): their FFI targets
+      # must be registered before XLA loads a program that names them.
+      onednn.register()
     return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
   except FileNotFoundError:
     return None
