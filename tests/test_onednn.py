@@ -115,6 +115,19 @@ def test_values_and_gradients_match_an_independent_computation(layout, geometry)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+@needs_onednn
+def test_it_can_be_vmapped_over_an_ensemble():
+  geometry = onednn.Geometry((1, 1), (1, 1), ((1, 1), (1, 1)), onednn.LAYOUTS["onednn_blocked"])
+  rng = np.random.default_rng(1)
+  xs = rng.standard_normal((3, 2, 5, 5, 4)).astype(np.float32)
+  kernels = rng.standard_normal((3, 3, 3, 4, 6)).astype(np.float32)
+  got = jax.jit(jax.vmap(lambda x, w: onednn.conv(x, w, geometry)))(xs, kernels)
+  for member in range(3):
+    want, _, _ = _reference(xs[member], kernels[member], (1, 1), ((1, 1), (1, 1)), (1, 1),
+                            np.zeros((2, 5, 5, 6)))
+    np.testing.assert_allclose(got[member], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 @pytest.fixture
 def table_dir(tmp_path, monkeypatch):
   monkeypatch.setenv(tuning.ENV_DIR, str(tmp_path))
@@ -124,10 +137,18 @@ def table_dir(tmp_path, monkeypatch):
   tuning.forget_tables()
 
 
-def _prefer(monkeypatch, winner: str):
-  """Measurements in which `winner` is 3x faster than every other candidate."""
-  monkeypatch.setattr(tuning, "measure", lambda candidates, rounds=tuning.ROUNDS: {
-      name: 1.0 if name == winner else 3.0 for name in candidates})
+def _prefer(monkeypatch, winner: str, forward_winner: str | None = None):
+  """Measurements in which `winner` is 3x faster than every other candidate; in those of a
+  forward pass alone, `forward_winner` (if given)."""
+  decide = tuning.decide
+
+  def measured(name, candidates, static):
+    fastest = forward_winner if forward_winner and name.startswith("forward ") else winner
+    with pytest.MonkeyPatch.context() as patch:
+      patch.setattr(tuning, "measure", lambda candidates, rounds=tuning.ROUNDS: {
+          name: 1.0 if name == fastest else 3.0 for name in candidates})
+      return decide(name, candidates, static)
+  monkeypatch.setattr(tuning, "decide", measured)
 
 
 def _model_and_data():
@@ -171,6 +192,43 @@ def test_a_model_runs_oneDNN_where_it_measured_fastest_and_computes_the_same(tab
   monkeypatch.setenv(onednn.ENV_SWITCH, "0")
   assert "cnnjax_onednn" not in jax.jit(jax.value_and_grad(loss)).lower(
       variables["params"], images).as_text()
+
+
+@needs_onednn
+def test_inference_runs_the_forward_pass_measured_alone_and_training_its_own(table_dir,
+                                                                           monkeypatch):
+  """oneDNN fastest for the training step, XLA's convolution for the forward pass alone:
+  the training program calls oneDNN and has no convolution, the inference program has
+  XLA's convolutions, and both compute what the plain XLA model computes."""
+  _prefer(monkeypatch, "onednn_blocked", forward_winner="xla")
+  model, variables, images = _model_and_data()
+
+  def loss(params, images):
+    logits, _ = model.apply({**variables, "params": params}, images, train=True,
+                            mutable=["batch_stats"])
+    return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
+
+  infer = jax.jit(lambda variables, images: model.apply(variables, images, train=False))
+  train = jax.jit(jax.value_and_grad(loss))
+  inference_program = infer.lower(variables, images).as_text()
+  training_program = train.lower(variables["params"], images).as_text()
+  # The 3x3 layers run XLA's convolution alone; a 1x1 layer has no "xla" forward candidate,
+  # so its forward stays oneDNN's.
+  assert inference_program.count("stablehlo.convolution") >= 3
+  assert "cnnjax_onednn_conv_forward" in training_program
+  assert "stablehlo.convolution" not in training_program
+  entries = json.loads(tuning.table_path().read_text())["entries"]
+  forward = {name: e["choice"] for name, e in entries.items() if name.startswith("forward ")}
+  assert forward and {"xla", "onednn_blocked"} >= set(forward.values())
+
+  with lowering.use("xla"):
+    want_logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+    want_value, want_grads = jax.jit(jax.value_and_grad(loss))(variables["params"], images)
+  np.testing.assert_allclose(infer(variables, images), want_logits, rtol=1e-4, atol=1e-5)
+  value, grads = train(variables["params"], images)
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * float(np.abs(want).max()))
 
 
 _LOAD_IN_A_FRESH_PROCESS = """

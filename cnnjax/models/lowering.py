@@ -24,10 +24,7 @@ forward pass). On CPU, `conv_general_dilated` computes what
   k*k*in) patch matrix: the filter gradient is one matmul with it, the input
   gradient a matmul scattered back through the views. In a training step the
   forward pass is XLA's convolution ("im2col") or the patch matrix times the
-  kernel ("im2col_matmul"); where nothing differentiates the convolution
-  (inference), a measurement of the forward pass alone picks between the two
-  (`_tuned_forward_choice`), since there no patch matrix is built for the
-  gradients;
+  kernel ("im2col_matmul");
 - "shift_add": a depthwise convolution (one input channel per group) is the
   sum over the k*k window offsets of shifted views times a per-channel weight,
   elementwise work XLA fuses into one loop, with a hand-written backward pass
@@ -43,7 +40,13 @@ Which of "xla", "im2col", "im2col_matmul" and oneDNN's two a kxk convolution
 gets (and whether a 1x1 one is "pointwise" or oneDNN's) depends on the CPU, so
 it is measured on the machine at hand, once per layer shape, and kept in a
 table keyed by the CPU (`cnnjax.models.tuning`); oneDNN is never a default
-and is never chosen unmeasured. Without a
+and is never chosen unmeasured. That measurement times a training step's
+forward pass and gradients. Where nothing differentiates a layer (inference),
+its forward pass alone is measured too (`_tuned_forward_choice`), among XLA's
+convolution, the patch matrix (a 1x1 layer's matmul) and oneDNN's: an im2col
+layer builds its patch matrix for the gradients anyway, so in training its
+patch-matrix forward costs little, and the fastest kernel for a pass alone is
+not always the one for the three. Without a
 measurement (tuning off, a pinned table without the shape, a non-CPU process)
 the static heuristic `static_choice` applies, tuned on a 2-core machine with a
 67 GFLOP/s matmul peak: im2col up to `IM2COL_MAX_POSITIONS` output positions,
@@ -194,16 +197,20 @@ def _explicit_padding(padding, in_spatial, kernel, strides, dilation) -> list[tu
   return [tuple(p) for p in padding]
 
 
+def _nhwc(lhs_shape, rhs_shape, lhs_dilation, dimension_numbers, batch_group_count) -> bool:
+  """Whether the CPU lowerings apply: an NHWC/HWIO convolution without input dilation, and
+  not in the "xla" mode."""
+  nhwc = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+  return (_MODE.value != "xla" and len(lhs_shape) == 4 and batch_group_count == 1
+          and all(d == 1 for d in (lhs_dilation or (1, 1)))
+          and lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers) == nhwc)
+
+
 def choose(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation, rhs_dilation,
            dimension_numbers, feature_group_count: int, batch_group_count: int,
            dtype="float32") -> str:
   """The lowering `conv_general_dilated` uses on CPU for these static arguments."""
-  if _MODE.value == "xla":
-    return "xla"
-  nhwc = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
-  if (len(lhs_shape) != 4 or batch_group_count != 1
-      or any(d != 1 for d in (lhs_dilation or (1, 1)))
-      or lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers) != nhwc):
+  if not _nhwc(lhs_shape, rhs_shape, lhs_dilation, dimension_numbers, batch_group_count):
     return "xla"
   kh, kw, in_per_group, _ = rhs_shape
   in_features = lhs_shape[3]
@@ -271,25 +278,41 @@ def _tuned_dense_choice(lhs_shape, rhs_shape, strides, dilation, pads, dtype) ->
   return tuning.decide(name, candidates, static=static)
 
 
-FORWARD_METHODS = ("xla", "patch")
+# What computes a convolution's forward pass alone: XLA's convolution, the patch matrix
+# times the kernel, one matmul (1x1), oneDNN's.
+KXK_FORWARD_METHODS = ("xla", "patch")
+
+# The forward pass each training lowering computes (its choice without a measurement).
+_TRAINING_FORWARD = {"xla": "xla", "im2col": "xla", "im2col_matmul": "patch",
+                     "pointwise": "pointwise", **{m: m for m in onednn.LAYOUTS}}
 
 
-def _tuned_forward_choice(lhs_shape, rhs_shape, strides, dilation, pads, dtype,
-                          static: str) -> str:
-  """Where an im2col convolution is not differentiated: XLA's convolution ("xla") or the
-  patch matrix ("patch") computes its forward pass, measured alone. `static` is what the
-  training step's forward uses (the choice without a measurement)."""
+def _tuned_forward_choice(method, lhs_shape, rhs_shape, strides, dilation, pads,
+                          dtype) -> str:
+  """What computes the forward pass where a layer trained by `method` is not differentiated
+  (inference), measured alone.
+
+  Differentiated, an im2col layer's patch matrix is built for the gradients anyway, so
+  its patch-matrix forward often costs nothing more; alone, XLA's convolution can be
+  faster. And a layer whose training step runs best on oneDNN may run its forward alone
+  best on another kernel, or the other way round. Without a measurement, or with one
+  candidate, it is the training step's own forward.
+  """
+  static = _TRAINING_FORWARD[method]
+  pointwise = tuple(rhs_shape[:2]) == (1, 1)
+  native = _onednn_methods(lhs_shape, rhs_shape, pads, dtype)
+  if not native and method not in ("im2col", "im2col_matmul"):
+    return static  # XLA's convolution or a matmul: no other forward to weigh
+  methods = (("pointwise",) if pointwise else KXK_FORWARD_METHODS) + native
   name = "forward " + _layer_name(lhs_shape, rhs_shape, strides, dilation, pads, dtype)
 
   def candidates():
-    def prepare(method):
-      out_spatial = _layer_out_spatial(lhs_shape, rhs_shape, strides, dilation, pads)
-      geometry = _Geometry(tuple(rhs_shape[:2]), strides, dilation, out_spatial, None,
-                           xla_forward=method == "xla", inference_xla_forward=method == "xla")
-      forward = lambda x, w: _dense_conv(_pad_spatial(x, pads, 0), w, geometry)  # noqa: E731
+    def prepare(forward_method):
+      forward = functools.partial(_forward_by, forward_method, strides=strides,
+                                  dilation=dilation, pads=pads, precision=None)
       return lambda: _compiled_forward(forward, lhs_shape, rhs_shape, dtype,
                                        compiler_options("cpu"))
-    return {method: prepare(method) for method in FORWARD_METHODS}
+    return {forward_method: prepare(forward_method) for forward_method in methods}
 
   return tuning.decide(name, candidates, static=static)
 
@@ -337,22 +360,81 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
       lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count, batch_group_count=batch_group_count,
       precision=precision, preferred_element_type=preferred_element_type)
+  dtype = jnp.result_type(lhs, rhs)
   method = choose(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
-                  dimension_numbers, feature_group_count, batch_group_count,
-                  jnp.result_type(lhs, rhs))
-  if method == "xla":
+                  dimension_numbers, feature_group_count, batch_group_count, dtype)
+  dense = (feature_group_count == 1 and
+           _nhwc(lhs.shape, rhs.shape, lhs_dilation, dimension_numbers, batch_group_count))
+  if method == "xla" and not dense:
     return reference(lhs, rhs)
   kh, kw = rhs.shape[:2]
   strides, dilation = tuple(window_strides), tuple(rhs_dilation or (1, 1))
   pads = tuple(map(tuple, _explicit_padding(padding, lhs.shape[1:3], (kh, kw), strides,
                                             dilation)))
-  cpu = functools.partial(_conv_by, method, strides=strides, dilation=dilation, pads=pads,
-                          precision=precision, dtype=preferred_element_type)
+  training_forward = _TRAINING_FORWARD.get(method)  # None: depthwise, no other forward
+  inference = training_forward and _tuned_forward_choice(
+      method, tuple(lhs.shape), tuple(rhs.shape), strides, dilation, pads, np.dtype(dtype).name)
+  if method == "xla" and inference == "xla":
+    return reference(lhs, rhs)
+  if inference == training_forward:
+    cpu = functools.partial(_conv_by, method, strides=strides, dilation=dilation, pads=pads,
+                            precision=precision, dtype=preferred_element_type)
+  else:
+    def cpu(lhs, rhs):
+      out = _trained_and_inferred(lhs, rhs, _Lowering(method, inference, strides, dilation,
+                                                      pads, precision))
+      return out if preferred_element_type is None else out.astype(preferred_element_type)
   return lax.platform_dependent(lhs, rhs, cpu=cpu, default=reference)
 
 
+class _Lowering(NamedTuple):
+  """A layer whose training step and inference compute its forward pass differently."""
+  training: str     # a method of `choose`
+  inference: str    # a forward method (see `_tuned_forward_choice`)
+  strides: tuple[int, int]
+  dilation: tuple[int, int]
+  pads: tuple[tuple[int, int], tuple[int, int]]
+  precision: Any
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _trained_and_inferred(lhs, rhs, lowering: _Lowering):
+  """Not differentiated: the inference forward. Differentiated: the training lowering's
+  forward pass and gradients (`_conv_by`)."""
+  return _forward_by(lowering.inference, lhs, rhs, strides=lowering.strides,
+                     dilation=lowering.dilation, pads=lowering.pads,
+                     precision=lowering.precision)
+
+
+def _trained_and_inferred_fwd(lhs, rhs, lowering):
+  return jax.vjp(functools.partial(_conv_by, lowering.training, strides=lowering.strides,
+                                   dilation=lowering.dilation, pads=lowering.pads,
+                                   precision=lowering.precision, dtype=None), lhs, rhs)
+
+
+def _trained_and_inferred_bwd(lowering, vjp, grad):
+  return vjp(grad)
+
+
+_trained_and_inferred.defvjp(_trained_and_inferred_fwd, _trained_and_inferred_bwd)
+
+
+def _forward_by(method: str, lhs, rhs, *, strides, dilation, pads, precision) -> jax.Array:
+  """A convolution's forward pass alone by a forward method: "patch" (the patch matrix
+  times the kernel), or a method of `_conv_by` ("xla", "pointwise", oneDNN's)."""
+  if method != "patch":
+    return _conv_by(method, lhs, rhs, strides=strides, dilation=dilation, pads=pads,
+                    precision=precision, dtype=None)
+  padded = _pad_spatial(lhs, pads, 0)
+  geometry = _Geometry(tuple(rhs.shape[:2]), strides, dilation,
+                       _out_spatial(padded.shape, rhs.shape[:2], strides, dilation), precision,
+                       xla_forward=False)
+  return _dense_forward(padded, rhs, geometry, xla_forward=False)
+
+
 def _conv_by(method: str, lhs, rhs, *, strides, dilation, pads, precision, dtype) -> jax.Array:
-  """An NHWC/HWIO convolution with explicit padding, computed by `method` (see `choose`)."""
+  """An NHWC/HWIO convolution with explicit padding, computed by `method` (see `choose`):
+  its forward pass and gradients as a training step takes them."""
   kh, kw, in_per_group, out_features = rhs.shape
   if method == "xla":
     return lax.conv_general_dilated(lhs, rhs, strides, pads, rhs_dilation=dilation,
@@ -369,11 +451,8 @@ def _conv_by(method: str, lhs, rhs, *, strides, dilation, pads, precision, dtype
   if method == "pointwise":
     columns = _windows(padded, (1, 1), strides, dilation, out_spatial)[0]
     return _matmul(columns, rhs.reshape(in_per_group, out_features), precision, dtype)
-  inference = _tuned_forward_choice(tuple(lhs.shape), tuple(rhs.shape), strides, dilation,
-                                    pads, np.dtype(lhs.dtype).name,
-                                    static="xla" if method == "im2col" else "patch")
   geometry = _Geometry((kh, kw), strides, dilation, out_spatial, precision,
-                       xla_forward=method == "im2col", inference_xla_forward=inference == "xla")
+                       xla_forward=method == "im2col")
   out = _dense_conv(padded, rhs, geometry)
   return out if dtype is None else out.astype(dtype)
 
@@ -466,8 +545,7 @@ class _Geometry(NamedTuple):
   dilation: tuple[int, int]
   out_spatial: tuple[int, int]
   precision: Any
-  xla_forward: bool  # in a training step (the forward of `_dense_conv_fwd`)
-  inference_xla_forward: bool  # where nothing differentiates it (`_dense_conv` itself)
+  xla_forward: bool  # XLA's convolution computes the forward pass, else the patch matrix
 
 
 def _matmul(rows, matrix, precision, dtype=None):
@@ -497,13 +575,10 @@ def _dense_conv(padded, kernel, geometry: _Geometry):
   stride-2 layer from 4x4 to 2x2 x512: 71 ms against 6 ms), so both gradients
   come from the patch matrix whatever computed the forward pass.
 
-  Which computes the forward pass is chosen twice. Differentiated (`_dense_conv_fwd`),
-  the patch matrix is built for the gradients anyway and XLA computes it once for both,
-  so the patch-matrix forward often costs nothing more. Not differentiated (inference),
-  only the forward pass runs, and there XLA's convolution can be faster: 4.0 against
-  6.2 ms for ResNet-18's 3x3 stride-2 layer from 32x32x64 at batch 16 (AMD EPYC).
+  `geometry.xla_forward` says what computes the forward pass of a training step; where
+  nothing differentiates the layer, `_tuned_forward_choice` picks its forward anew.
   """
-  return _dense_forward(padded, kernel, geometry, geometry.inference_xla_forward)
+  return _dense_forward(padded, kernel, geometry, geometry.xla_forward)
 
 
 def _dense_forward(padded, kernel, geometry: _Geometry, xla_forward: bool):

@@ -206,7 +206,10 @@ def supports(lhs_shape, rhs_shape, pads, dtype) -> bool:
 
 
 def _call(target: str, shape, geometry: Geometry, a, b):
-  return jax.ffi.ffi_call(_TARGETS[target], jax.ShapeDtypeStruct(shape, jnp.float32))(
+  # Under vmap (an ensemble of models, say) the calls run one after another: correct, and
+  # no model of cnnjax's own is vmapped.
+  return jax.ffi.ffi_call(_TARGETS[target], jax.ShapeDtypeStruct(shape, jnp.float32),
+                          vmap_method="sequential")(
       a, b, window=geometry.window(), layout=np.int64(geometry.layout))
 
 
