@@ -206,6 +206,8 @@ def supports(lhs_shape, rhs_shape, pads, dtype) -> bool:
 
 
 def _call(target: str, shape, geometry: Geometry, a, b):
+  if not register():
+    raise RuntimeError(f"oneDNN's convolutions are unavailable: {unavailable_reason()}")
   # Under vmap (an ensemble of models, say) the calls run one after another: correct, and
   # no model of cnnjax's own is vmapped.
   return jax.ffi.ffi_call(_TARGETS[target], jax.ShapeDtypeStruct(shape, jnp.float32),
@@ -215,7 +217,7 @@ def _call(target: str, shape, geometry: Geometry, a, b):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv(x, kernel, geometry: Geometry):
-  """NHWC `x` convolved with HWIO `kernel` by oneDNN (float32; call `register()` first)."""
+  """NHWC `x` convolved with HWIO `kernel` by oneDNN (float32; see `supports`)."""
   out_h, out_w = geometry.out_spatial(x.shape, kernel.shape)
   return _call("forward", (x.shape[0], out_h, out_w, kernel.shape[3]), geometry, x, kernel)
 
