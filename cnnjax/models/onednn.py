@@ -25,8 +25,8 @@ missing, and the lowering simply has no such candidate. `CNNJAX_ONEDNN=0` opts
 out (nothing is built, loaded or measured); `1` is the default.
 
 Programs that use it hold custom calls, which only a process that has loaded
-the library can run: `register()` loads it and is called before any such
-program is traced or loaded from the step cache. oneDNN's results differ from
+the library can run: `register()` loads it, and is called when such a program
+is traced or loaded from the step cache (which looks for `TARGET_PREFIX` in it). oneDNN's results differ from
 XLA's by float32 rounding (a different summation order), like any two
 lowerings; for a given layout, shape and CPU they are the same every run.
 """
@@ -57,9 +57,10 @@ SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
 # The lowering's names for oneDNN computing in XLA's NHWC layout (0) or in the blocked
 # layouts it prefers, with reorders in and out (1): the attribute `layout` of the calls.
 LAYOUTS = {"onednn": 0, "onednn_blocked": 1}
-_TARGETS = {"forward": "cnnjax_onednn_conv_forward",
-            "input_gradient": "cnnjax_onednn_conv_input_gradient",
-            "filter_gradient": "cnnjax_onednn_conv_filter_gradient"}
+# The FFI targets' names all start with it: a compiled program that holds it calls oneDNN.
+TARGET_PREFIX = "cnnjax_onednn_conv_"
+_TARGETS = {name: TARGET_PREFIX + name
+            for name in ("forward", "input_gradient", "filter_gradient")}
 
 
 def enabled() -> bool:

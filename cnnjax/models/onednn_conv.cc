@@ -262,74 +262,56 @@ Shapes ShapesOf(ffi::Span<const int64_t> x, ffi::Span<const int64_t> kernel,
                 {y[0], y[3], y[1], y[2]}};
 }
 
-ffi::Error Forward(Array4 x, Array4 kernel,
-                   Result4 y, ffi::Span<const int64_t> window,
-                   int64_t layout) {
+// One pass on XLA's buffers (its two inputs and its output, in that order).
+ffi::Error Run(Pass pass, const Shapes& shapes, void* const buffers[3],
+               ffi::Span<const int64_t> window, int64_t layout) {
   if (ffi::Error error = CheckWindow(window, layout); error.failure()) return error;
   const Plan* plan;
-  if (ffi::Error error = FindPlan(Pass::kForward, layout,
-                                  ShapesOf(x.dimensions(), kernel.dimensions(), y->dimensions()),
-                                  window, &plan); error.failure())
+  if (ffi::Error error = FindPlan(pass, layout, shapes, window, &plan); error.failure())
     return error;
-  void* const buffers[3] = {x.untyped_data(), kernel.untyped_data(), y->untyped_data()};
   return Execute(*plan, buffers);
 }
 
-ffi::Error InputGradient(Array4 grad_y, Array4 kernel,
-                         Result4 grad_x,
+ffi::Error Forward(Array4 x, Array4 kernel, Result4 y, ffi::Span<const int64_t> window,
+                   int64_t layout) {
+  void* const buffers[3] = {x.untyped_data(), kernel.untyped_data(), y->untyped_data()};
+  return Run(Pass::kForward, ShapesOf(x.dimensions(), kernel.dimensions(), y->dimensions()),
+             buffers, window, layout);
+}
+
+ffi::Error InputGradient(Array4 grad_y, Array4 kernel, Result4 grad_x,
                          ffi::Span<const int64_t> window, int64_t layout) {
-  if (ffi::Error error = CheckWindow(window, layout); error.failure()) return error;
-  const Plan* plan;
-  if (ffi::Error error = FindPlan(
-          Pass::kInputGradient, layout,
-          ShapesOf(grad_x->dimensions(), kernel.dimensions(), grad_y.dimensions()), window,
-          &plan); error.failure())
-    return error;
   void* const buffers[3] = {grad_y.untyped_data(), kernel.untyped_data(),
                             grad_x->untyped_data()};
-  return Execute(*plan, buffers);
+  return Run(Pass::kInputGradient,
+             ShapesOf(grad_x->dimensions(), kernel.dimensions(), grad_y.dimensions()), buffers,
+             window, layout);
 }
 
-ffi::Error FilterGradient(Array4 x, Array4 grad_y,
-                          Result4 grad_kernel,
+ffi::Error FilterGradient(Array4 x, Array4 grad_y, Result4 grad_kernel,
                           ffi::Span<const int64_t> window, int64_t layout) {
-  if (ffi::Error error = CheckWindow(window, layout); error.failure()) return error;
-  const Plan* plan;
-  if (ffi::Error error = FindPlan(
-          Pass::kFilterGradient, layout,
-          ShapesOf(x.dimensions(), grad_kernel->dimensions(), grad_y.dimensions()), window,
-          &plan); error.failure())
-    return error;
   void* const buffers[3] = {x.untyped_data(), grad_y.untyped_data(),
                             grad_kernel->untyped_data()};
-  return Execute(*plan, buffers);
+  return Run(Pass::kFilterGradient,
+             ShapesOf(x.dimensions(), grad_kernel->dimensions(), grad_y.dimensions()), buffers,
+             window, layout);
+}
+
+// Every pass takes two rank-4 arrays and gives one, with the window and the layout.
+auto Binding() {
+  return ffi::Ffi::Bind()
+      .Arg<Array4>()
+      .Arg<Array4>()
+      .Ret<Array4>()
+      .Attr<ffi::Span<const int64_t>>("window")
+      .Attr<int64_t>("layout");
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnjax_onednn_conv_forward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Arg<Array4>()
-                                  .Arg<Array4>()
-                                  .Ret<Array4>()
-                                  .Attr<ffi::Span<const int64_t>>("window")
-                                  .Attr<int64_t>("layout"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnjax_onednn_conv_input_gradient, InputGradient,
-                              ffi::Ffi::Bind()
-                                  .Arg<Array4>()
-                                  .Arg<Array4>()
-                                  .Ret<Array4>()
-                                  .Attr<ffi::Span<const int64_t>>("window")
-                                  .Attr<int64_t>("layout"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnjax_onednn_conv_filter_gradient, FilterGradient,
-                              ffi::Ffi::Bind()
-                                  .Arg<Array4>()
-                                  .Arg<Array4>()
-                                  .Ret<Array4>()
-                                  .Attr<ffi::Span<const int64_t>>("window")
-                                  .Attr<int64_t>("layout"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnjax_onednn_conv_forward, Forward, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnjax_onednn_conv_input_gradient, InputGradient, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnjax_onednn_conv_filter_gradient, FilterGradient, Binding());
 
 // The oneDNN library's version, for the tuning table's key: major * 10000 + minor * 100 +
 // patch.

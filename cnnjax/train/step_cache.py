@@ -122,9 +122,9 @@ def entry_key(material: dict[str, Any]) -> str:
 def _load(path: pathlib.Path):
   try:
     payload, in_tree, out_tree = pickle.loads(path.read_bytes())
-    if tuning.current_mode() != "off" and jax.default_backend() == "cpu":
-      # The step may call oneDNN's convolutions (a measured choice): their FFI targets
-      # must be registered before XLA loads a program that names them.
+    if onednn.TARGET_PREFIX.encode() in payload:
+      # The step calls oneDNN's convolutions (a measured choice): their FFI targets must
+      # be registered before XLA loads a program that names them.
       onednn.register()
     return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
   except FileNotFoundError:
