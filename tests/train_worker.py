@@ -39,19 +39,31 @@ def _slow_storage(seconds: float, markers: str | None) -> None:
 
   class SlowWrite(concurrent.futures.Future):
     """A write that starts when it is first waited for. Orbax waits for a commit's futures in
-    order against one deadline taken before the first, and this one is last: when its marker
-    appears, the deadline is already running, and all of the write still lies ahead. A
-    process suspended then for longer than the timeout always times out on continuing."""
+    order against one deadline, and this one is last. Its wait runs against an absolute
+    deadline taken before its marker appears, in short slices: `Future.result(timeout)`
+    would start its own clock only on entry, and a suspension that fell between the marker
+    and that entry (seen once, in a loaded suite) restarted the clock and let the write
+    finish in time. So a process suspended after the marker for longer than the timeout
+    always times out on continuing: all of the write still lies ahead of it."""
 
     started = False
 
     def result(self, timeout=None):
+      deadline = None if timeout is None else time.monotonic() + timeout
       if not self.started:
         self.started = True
         threading.Thread(target=self._write, daemon=True).start()
         if markers:
           pathlib.Path(markers, f"commit-{threading.get_ident()}-{id(self)}").touch()
-      return super().result(timeout)
+      while deadline is not None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+          raise concurrent.futures.TimeoutError()
+        try:
+          return super().result(min(remaining, 0.01))
+        except concurrent.futures.TimeoutError:
+          continue
+      return super().result()
 
     def _write(self):
       # Many short sleeps, not one timer: after a suspension the rest of the write is
