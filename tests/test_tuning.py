@@ -53,6 +53,28 @@ def test_a_real_measurement_times_every_lowering_and_is_stored(table_dir):
   assert entry["static"] == "im2col"
 
 
+def test_a_measurement_repeats_short_runs_and_ignores_a_disturbed_sample(monkeypatch):
+  """On a fake clock: a 1 ms run is repeated to fill each 20 ms sample, a 50 ms run is
+  not; two of three samples slowed by an outside disturbance do not move either result."""
+  clock = {"now": 0.0}
+  monkeypatch.setattr(tuning.time, "perf_counter", lambda: clock["now"])
+  calls = {"short": 0, "long": 0}
+
+  def candidate(name, seconds, disturbed_calls):
+    def run():
+      calls[name] += 1
+      clock["now"] += seconds * (30 if calls[name] in disturbed_calls else 1)
+    return lambda: run
+
+  # After two warm-up calls each, the short run's 30th and 50th calls fall in its second
+  # and third samples, the long run's 4th and 5th too.
+  seconds = tuning.measure({"short": candidate("short", 1e-3, (30, 50)),
+                            "long": candidate("long", 50e-3, (4, 5))}, rounds=3,
+                           sample_seconds=20e-3)
+  assert seconds == pytest.approx({"short": 1e-3, "long": 50e-3})
+  assert calls == {"short": 2 + 3 * 20, "long": 2 + 3 * 1}
+
+
 def test_the_fastest_wins_only_by_more_than_the_margin_and_is_then_fixed(table_dir, monkeypatch):
   calls = _fake_times(monkeypatch, {"xla": 0.90, "im2col": 1.0, "im2col_matmul": 2.0})
   assert lowering.choose(*SHAPE) == "xla"            # 10% faster than the heuristic's choice
