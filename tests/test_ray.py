@@ -55,7 +55,9 @@ def _sweep_config(data_dir, names=("a", "b"), steps=6) -> ml_collections.ConfigD
   t.data.mean, t.data.std, t.data.flip = (0.5,), (0.5,), False
   t.model_overrides.widths = (4, 4, 8)
   t.batch_size, t.num_steps, t.log_every_steps = 32, steps, 2
-  t.eval_every_epochs = 0.1  # a checkpoint every few steps
+  # A checkpoint every few steps, an evaluation only at the end (evaluations cost time and
+  # prove nothing here).
+  t.eval_every_epochs, t.checkpoint_every_epochs = 1.0, 0.1
   t.progress_bar, t.fast_compile, t.optimizer.warmup_epochs = False, True, 0.0
   config = ml_collections.ConfigDict({
       "name": "raysweep", "kind": "sweep", "description": "test", "trial_resources": "CPU=1",

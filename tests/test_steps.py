@@ -76,7 +76,9 @@ def _precision_run(dtype, loss_scale=None, num_steps=1):
   model = cnnjax.create_model("resnet20", num_classes=3, widths=(4, 4, 4), dtype=dtype)
   shape = optim.schedule_shape("constant", total_steps=1, steps_per_epoch=1)
   tx = optim.make_optimizer("sgd", shape, learning_rate=0.1)
-  train, _ = steps.jit_steps(model, tx, steps.StepConfig(), steps.make_mesh(jax.devices()[:1]))
+  # Compile-bound (a float16 step compiles slowly on CPU), and what it checks is values.
+  train, _ = steps.jit_steps(model, tx, steps.StepConfig(), steps.make_mesh(jax.devices()[:1]),
+                             xla_options=steps.FAST_COMPILE_OPTIONS)
   state = steps.init_state(model, tx, (8, 8, 3), seed=0, loss_scale=loss_scale)
   batch = {"image": jax.random.normal(jax.random.key(0), (4, 8, 8, 3)), "label": jnp.arange(4) % 3}
   history = []

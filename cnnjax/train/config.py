@@ -132,7 +132,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.initial_loss_scale = 2.0 ** 15  # float16 only
   c.parallelism = "jit"  # jit (Mesh + NamedSharding) | pmap
   c.ghost_batch_norm = False  # per-device BatchNorm statistics
-  c.fast_compile = False  # XLA optimisation level 0: faster compiles, slower steps (smoke runs)
+  c.fast_compile = False  # opt level 0, XLA's own convolutions: faster compiles, slower steps
 
   c.eval_every_epochs = 1.0
   c.log_every_steps = 20
@@ -336,7 +336,8 @@ KEY_DOCS = {
     "parallelism": "`jit` (one step over a Mesh with NamedSharding) or `pmap` (the same "
                    "numbers).",
     "ghost_batch_norm": "BatchNorm statistics per device rather than of the global batch.",
-    "fast_compile": "XLA optimisation level 0: faster compiles, slower steps (smoke runs).",
+    "fast_compile": ("XLA optimisation level 0 and XLA's own convolutions (no CPU lowering): "
+                     "faster compiles, slower steps (smoke runs)."),
     "eval_every_epochs": "How often to evaluate (and checkpoint), in epochs.",
     "log_every_steps": "How often to log training metrics, in steps.",
     "checkpoint_every_epochs": "Also checkpoint this often between evaluations; None: only at "
