@@ -85,6 +85,31 @@ def test_small_resnet_reaches_95_percent_on_digits_and_keeps_the_best(digits_dat
   assert again["step"] == 220 and again["top1"] == pytest.approx(result["top1"])
 
 
+def test_a_fast_compile_traces_xla_convolutions_where_a_normal_one_lowers_them(
+    digits_data_dir, tmp_path, monkeypatch):
+  """fast_compile buys compile time in full: XLA's own convolution for every layer, where
+  the CPU lowering turns the small maps' layers into matmuls (tuning is off here, so the
+  choice is the static heuristic's: im2col at 16 output positions or fewer)."""
+  from cnnjax.train import step_cache
+
+  convolutions = {}
+  load_or_compile = step_cache.load_or_compile
+
+  def counting(jitted, args, **kwargs):
+    if kwargs["description"]["step"] == "train":
+      text = jitted.lower(*args).as_text()
+      convolutions[kwargs["description"]["config"]["fast_compile"]] = text.count(
+          "stablehlo.convolution")
+    return load_or_compile(jitted, args, **kwargs)
+
+  monkeypatch.setattr(step_cache, "load_or_compile", counting)
+  for fast in (True, False):
+    config = _config({**TINY, "data.data_dir": str(digits_data_dir), "num_steps": 1,
+                      "eval_every_epochs": 100.0, "fast_compile": fast})
+    train.train_and_evaluate(config, tmp_path / str(fast))
+  assert convolutions[True] > convolutions[False] > 0, convolutions
+
+
 @pytest.fixture(scope="module")
 def reference_run(digits_data_dir, tmp_path_factory):
   """An uninterrupted 1-device run: 40 steps, a checkpoint every 4."""
