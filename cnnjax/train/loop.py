@@ -41,10 +41,10 @@ from cnnjax import data as data_lib
 from cnnjax.data import datasets as datasets_lib
 from cnnjax import fileio, host_allocator
 from cnnjax import lease as lease_lib
+from cnnjax.models import lowering
 from cnnjax.train import checkpoint as checkpoint_lib
 from cnnjax.train import config as config_lib
 from cnnjax.train import optim, preemption, step_cache, steps
-from cnnjax.models import lowering
 from cnnjax.train.logs import MetricWriter
 
 log = logging.getLogger("cnnjax.train")
@@ -426,11 +426,10 @@ class _Devices:
     return compiled, time.perf_counter() - start, loaded
 
   def _compile(self, name: str, step, *args):
-    # The step cache covers one process: executables of a multi-process run are untested.
-    if self.pmap or self.step_description is None or jax.process_count() > 1:
-      with self.lowering():
+    with self.lowering():  # tracing happens here, so the lowering mode applies here
+      # The step cache covers one process: executables of a multi-process run are untested.
+      if self.pmap or self.step_description is None or jax.process_count() > 1:
         return step.lower(*args).compile(compiler_options=self.compiler_options), False
-    with self.lowering():
       compiled, loaded = step_cache.load_or_compile(
           step, args, description={"step": name, **self.step_description},
           compiler_options=self.compiler_options)
