@@ -33,23 +33,13 @@ ESTIMATORS = ("fastest", "median")
 
 
 def _median_of_single_runs(candidates, rounds=5, sample_seconds=None):
-  """Measurement version 3's estimator: the median of single runs, after one warm-up each."""
-  import statistics
-  import time
-
+  """Measurement version 3's estimator: the median of single runs, in alternation, after
+  one warm-up each (`common.interleaved` also shuffles the order of each round)."""
   import jax
 
   with jax.ensure_compile_time_eval():
     runs = {name: prepare() for name, prepare in candidates.items()}
-    for run in runs.values():
-      run()
-    times = {name: [] for name in runs}
-    for _ in range(rounds):
-      for name, run in runs.items():
-        start = time.perf_counter()
-        run()
-        times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(values) for name, values in times.items()}
+    return common.interleaved(runs, rounds, warmup=1)
 
 
 def measure_table(estimator: str, model: str, sizes: list[int]) -> None:
@@ -93,6 +83,8 @@ def main() -> None:
   parser.add_argument("--tables", type=int, default=2, help="fresh tables per estimator")
   parser.add_argument("--_measure", choices=ESTIMATORS, help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.tables < 2:
+    parser.error(f"--tables {args.tables}: tables are compared in pairs; give 2 or more")
   sizes = [int(s) for s in args.sizes.split(",")]
   if args._measure:
     measure_table(args._measure, args.model, sizes)
