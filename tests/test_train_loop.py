@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -271,6 +273,19 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(digits_data_dir, tmp_pa
   bad_step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
   kept = _committed_steps(tmp_path / "checkpoints")
   assert 3 < bad_step < 30 and kept and max(kept) < bad_step
+
+
+def test_the_finiteness_check_before_a_save_sees_any_bad_value_in_any_leaf():
+  tree = {"conv": {"kernel": jnp.ones((3, 3, 2, 4)), "bias": jnp.zeros(4)},
+          "scale": jnp.float32(2.0), "head": jnp.arange(6.0).reshape(2, 3)}
+  assert bool(loop._all_finite(tree))
+  for leaf in range(len(jax.tree.leaves(tree))):
+    for bad in (np.nan, np.inf, -np.inf):
+      leaves, treedef = jax.tree.flatten(tree)
+      poisoned = np.array(leaves[leaf])
+      poisoned.reshape(-1)[-1] = bad
+      leaves[leaf] = jnp.asarray(poisoned)
+      assert not bool(loop._all_finite(jax.tree.unflatten(treedef, leaves))), (leaf, bad)
 
 
 def test_resuming_with_a_different_config_is_refused(tmp_path):
