@@ -51,8 +51,18 @@ def test_a_loaded_step_computes_exactly_what_the_compiled_one_does(tmp_path):
   _, train, state, batch = _setup()
   expected_state, expected_metrics = train.lower(state, batch).compile()(_copy(state), batch)
 
+  traces = []
+
+  @jax.jit
+  def helper(x):
+    traces.append(x)
+    return x + 1
+
+  helper(1.0)
   first, loaded_first = step_cache.load_or_compile(train, (state, batch), description=DESCRIPTION,
                                                    cache_dir=tmp_path)
+  helper(2.0)  # a miss compiles past JAX's caches without making other functions trace again
+  assert len(traces) == 1
   second, loaded_second = step_cache.load_or_compile(train, (state, batch),
                                                      description=DESCRIPTION, cache_dir=tmp_path)
   assert (loaded_first, loaded_second) == (False, True)
@@ -167,6 +177,9 @@ def test_a_step_that_jax_cache_holds_is_still_cached_runnable(tmp_path):
     compilation_cache.reset_cache()
     train.lower(state, batch).compile()  # now in JAX's cache
     assert list((tmp_path / "jax").iterdir())
+    # ... and in memory as JAX's cache gave it back, as in a process that found it there.
+    jax.clear_caches()
+    train.lower(state, batch).compile()
     step_cache.load_or_compile(train, (state, batch), description=DESCRIPTION)
     compiled, loaded = step_cache.load_or_compile(train, (state, batch), description=DESCRIPTION)
   finally:

@@ -18,9 +18,9 @@ A miss, or an entry that cannot be loaded, compiles afresh and writes the entry
 atomically. Afresh means past JAX's caches, the persistent one and the
 in-memory ones: an XLA:CPU executable that JAX's persistent cache loaded
 serialises without its kernels, and running it after loading it again fails
-with "Function ... not found" (jaxlib 0.10.2). So a miss costs a full compile
-and makes JAX recompile (or reload) its other functions once. Entries live in
-`<jax_compilation_cache_dir>/cnnjax-steps/`; with JAX's cache off this cache
+with "Function ... not found" (jaxlib 0.10.2). So a miss costs a full compile;
+the functions the process has already run keep their traces and executables.
+Entries live in `<jax_compilation_cache_dir>/cnnjax-steps/`; with JAX's cache off this cache
 is off too. Only steps whose model is cnnjax's own may be cached: a model
 defined elsewhere can change without changing anything in the key. Entries are
 pickles, and loading one can run code: trust the directory as you would JAX's
@@ -44,6 +44,7 @@ from typing import Any
 import jax
 from jax.experimental import serialize_executable
 from jax.experimental.compilation_cache import compilation_cache
+from jax.extend import backend as jax_backend
 
 from cnnjax import fileio
 from cnnjax.models import lowering, onednn, tuning
@@ -140,14 +141,16 @@ def _past_jax_cache():
   """JAX's persistent cache off for what compiles inside, on again after.
 
   JAX decides once per process whether it uses its cache; `reset_cache` makes it
-  decide again. `clear_caches` drops the in-memory executables, any of which may
-  have come from the persistent cache. Not thread-safe: nothing else should
-  compile meanwhile.
+  decide again. The in-memory executables go too, since any of them may have come
+  from the persistent cache; only those: the traces, lowerings and the executables
+  that functions already called hold stay, so nothing else traces or compiles again
+  (`jax.clear_caches` dropped them all: every trial of a sweep compiled its small
+  helpers afresh). Not thread-safe: nothing else should compile meanwhile.
   """
   enabled = jax.config.values["jax_enable_compilation_cache"]
   jax.config.update("jax_enable_compilation_cache", False)
   compilation_cache.reset_cache()
-  jax.clear_caches()
+  jax_backend.clear_in_memory_compilation_cache()
   try:
     yield
   finally:
@@ -164,7 +167,9 @@ def load_or_compile(jitted, args: tuple, *, description: Any,
   `cache_dir` defaults to `directory()`; with neither, it simply compiles.
   """
   compiler_options = dict(compiler_options or {})
-  compile_now = lambda: jitted.lower(*args).compile(compiler_options=compiler_options or None)  # noqa: E731
+  # Options given, even none, so that `compile` skips the executable a lowering keeps from
+  # an earlier compile without options (it may have come from JAX's persistent cache).
+  compile_now = lambda: jitted.lower(*args).compile(compiler_options=compiler_options)  # noqa: E731
   cache_dir = directory() if cache_dir is None else pathlib.Path(cache_dir)
   if cache_dir is None:
     return compile_now(), False
