@@ -520,16 +520,22 @@ def _signal_during_second_trial(workdir, env, signum):
   return proc, output
 
 
-def test_an_interrupted_sweep_ends_with_the_same_table_and_trials_run_alone(data_env, tmp_path):
+def _sweep_here(workdir, *extra):
+  """The smoke sweep in this process: what needs no signal needs no process of its own."""
+  return _run([f"--config={CONFIGS / 'degradation.py'}:smoke", f"--workdir={workdir}", *extra])
+
+
+def test_an_interrupted_sweep_ends_with_the_same_table_and_trials_run_alone(data_env, tmp_path,
+                                                                            capsys):
   env = {**os.environ, "PYTHONPATH": str(REPO)}
   whole = tmp_path / "whole"
-  subprocess.run(_sweep_command(whole), env=env, cwd=REPO, check=True, capture_output=True)
+  assert _sweep_here(whole) == 0
 
   interrupted = tmp_path / "interrupted"
   second = interrupted / "trials" / "001-plain20-s1"
   _signal_during_second_trial(interrupted, env, signal.SIGKILL)
   assert read_status(second)["status"] == "running" and not (interrupted / "results.csv").exists()
-  subprocess.run(_sweep_command(interrupted), env=env, cwd=REPO, check=True, capture_output=True)
+  assert _sweep_here(interrupted) == 0
   assert _stable_table(interrupted) == _stable_table(whole)
 
   # Preempted (SIGTERM) during its second trial: that trial saves, no third one starts, the
@@ -543,12 +549,11 @@ def test_an_interrupted_sweep_ends_with_the_same_table_and_trials_run_alone(data
   assert read_status(running)["status"] == "running"
   assert sorted(p.name for p in (preempted / "trials").iterdir()) == [
       "000-plain20-s0", "001-plain20-s1"]
-  subprocess.run(_sweep_command(preempted), env=env, cwd=REPO, check=True, capture_output=True)
+  assert _sweep_here(preempted) == 0
   assert _stable_table(preempted) == _stable_table(whole)
 
   alone = tmp_path / "alone"
-  subprocess.run(_sweep_command(alone, "--trial=1"), env=env, cwd=REPO, check=True,
-                 capture_output=True)
+  assert _sweep_here(alone, "--trial=1") == 0
   rows = _rows(alone)
   assert [r["status"] for r in rows] == ["pending", "done", "pending", "pending"]
   assert rows[1]["accuracy"] == _rows(whole)[1]["accuracy"]
@@ -558,28 +563,25 @@ def test_an_interrupted_sweep_ends_with_the_same_table_and_trials_run_alone(data
   metrics = (whole / "trials" / "000-plain20-s0" / "metrics.jsonl").read_bytes()
   table = _stable_table(whole)
   (whole / "report.md").unlink()
-  subprocess.run(_sweep_command(whole, "--trial=0"), env=env, cwd=REPO, check=True,
-                 capture_output=True)
+  assert _sweep_here(whole, "--trial=0") == 0
   assert (whole / "report.md").exists() and _stable_table(whole) == table
   assert (whole / "trials" / "000-plain20-s0" / "metrics.jsonl").read_bytes() == metrics
 
   # Another machine's finished trial joins a workdir by its records alone: nothing trains.
   merged = tmp_path / "merged"
-  done = subprocess.run(_sweep_command(merged, f"--merge_from={alone}", "--trial=1"), env=env,
-                        cwd=REPO, check=True, capture_output=True, text=True)
-  assert "1 finished trials copied" in done.stdout
+  capsys.readouterr()
+  assert _sweep_here(merged, f"--merge_from={alone}", "--trial=1") == 0
+  assert "1 finished trials copied" in capsys.readouterr().out
   assert _stable_table(merged) == _stable_table(alone)
   trial = merged / "trials" / "001-plain20-s1"
   assert sorted(p.name for p in trial.iterdir()) == sorted(sweep.RECORD_FILES)
   assert (trial / "metrics.jsonl").read_bytes() == (
       alone / "trials" / trial.name / "metrics.jsonl").read_bytes()
   # A finished trial counts only under the config it was trained with.
-  changed = subprocess.run(_sweep_command(merged, "--trial=1",
-                                          "--config.train.optimizer.learning_rate=0.5"),
-                           env=env, cwd=REPO, capture_output=True, text=True)
-  assert changed.returncode == 2
-  assert "ConfigMismatchError: finished trial 001-plain20-s1" in changed.stderr
-  assert "optimizer.learning_rate" in changed.stderr
+  assert _sweep_here(merged, "--trial=1", "--config.train.optimizer.learning_rate=0.5") == 2
+  error = capsys.readouterr().err
+  assert "ConfigMismatchError: finished trial 001-plain20-s1" in error
+  assert "optimizer.learning_rate" in error
   assert _stable_table(merged) == _stable_table(alone)  # nothing written over
 
 
