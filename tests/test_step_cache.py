@@ -1,6 +1,7 @@
 """The on-disk cache of compiled steps: same results, a key that sees every change, bad
 entries recompiled, and a key that is the same in another process."""
 
+import functools
 import json
 import logging
 import os
@@ -10,12 +11,13 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import linen as nn
 
 import cnnjax
 from jax.experimental.compilation_cache import compilation_cache
 
-from cnnjax.models import lowering
+from cnnjax.models import lowering, tuning
 from cnnjax.train import optim, step_cache, steps
 
 REPO = os.path.dirname(os.path.dirname(__file__))
@@ -219,3 +221,20 @@ def test_a_step_whose_temporaries_lie_in_several_heaps_runs_uncached(tmp_path, c
   reference, _ = step_cache.load_or_compile(train, (state, batch), description=DESCRIPTION,
                                             cache_dir=tmp_path / "whole")
   assert np.array_equal(*(float(c(_copy(state), batch)[1]["loss"]) for c in (compiled, reference)))
+
+
+def test_one_compiled_initialisation_serves_every_seed_and_computes_what_create_state_does(
+    tmp_path, monkeypatch):
+  model, _, _, _ = _setup()
+  tx = optax.sgd(0.1, momentum=0.9)
+  monkeypatch.setattr(step_cache, "directory", lambda: tmp_path)
+  for seed in (0, 2**31 + 5):  # a seed past int32 too: the key is made outside the program
+    with tuning.use("off"):
+      baked = jax.jit(functools.partial(steps.create_state, model, tx, (8, 8, 3), seed)).lower()
+    expected = baked.compile(compiler_options=steps.FAST_COMPILE_OPTIONS)()
+    for description in (None, DESCRIPTION):
+      state = steps.init_state(model, tx, (8, 8, 3), seed, description=description)
+      assert jax.tree.structure(state) == jax.tree.structure(expected)
+      for got, want in zip(_numbers(state), _numbers(expected)):
+        np.testing.assert_array_equal(got, want)
+  assert len(list(tmp_path.glob("*.step"))) == 1  # the second seed's came from the cache

@@ -352,6 +352,9 @@ class _Devices:
   def __init__(self, run: _Run, parallelism: str, fast_compile: bool = False):
     self._compiled_eval = None
     self.step_description = run.step_description
+    # The initial state's program depends on what the steps do, less the seed (an argument);
+    # the step cache covers one process, as for the steps.
+    self.init_description = run.step_description if jax.process_count() == 1 else None
     self.mesh = steps.make_mesh()
     self.compiler_options = {**steps.compiler_options(self.mesh),
                              **(steps.FAST_COMPILE_OPTIONS if fast_compile else {})}
@@ -537,7 +540,8 @@ def evaluate_checkpoint(workdir: str | os.PathLike, which: str = "best",
   run = build(config)
   devices = _Devices(run, config.parallelism, config.fast_compile)
   state = steps.init_state(run.model, run.tx, run.image_shape, config.seed,
-                           ema=config.ema_decay > 0, sharding=devices.replicated)
+                           ema=config.ema_decay > 0, sharding=devices.replicated,
+                           description=devices.init_description)
   manager = checkpoint_lib.make_manager(directory, 1, async_save=False)
   restored = checkpoint_lib.restore_latest(manager, checkpoint_lib.abstract_like(state))
   if restored is None:
@@ -573,7 +577,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   loss_scale = config.initial_loss_scale if config.dtype == "float16" else None
   state = steps.init_state(run.model, run.tx, run.image_shape, config.seed,
                            ema=config.ema_decay > 0, loss_scale=loss_scale,
-                           sharding=devices.replicated)
+                           sharding=devices.replicated, description=devices.init_description)
   def manager(name: str, keep: int):
     return checkpoint_lib.Checkpoints(checkpoint_lib.make_manager(
         workdir / name, keep, async_save=config.async_checkpoint,
