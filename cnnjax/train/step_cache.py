@@ -150,7 +150,9 @@ def _past_jax_cache():
   enabled = jax.config.values["jax_enable_compilation_cache"]
   jax.config.update("jax_enable_compilation_cache", False)
   compilation_cache.reset_cache()
-  jax_backend.clear_in_memory_compilation_cache()
+  # (`jax.extend.backend` is JAX's API for libraries; where a version lacks the call, every
+  # cache goes, as before.)
+  getattr(jax_backend, "clear_in_memory_compilation_cache", jax.clear_caches)()
   try:
     yield
   finally:
