@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -66,6 +67,20 @@ def _sweep_config(data_dir, names=("a", "b"), steps=6) -> ml_collections.ConfigD
   return config
 
 
+def _in_order(config, workdir):
+  """The sweep in this process, in order, under the XLA_FLAGS that a one-CPU trial's worker
+  gets: the step cache's key holds them, so the workers then load the steps compiled here."""
+  flags = os.environ.get("XLA_FLAGS")
+  if flags is not None:
+    os.environ["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+",
+                                     "--xla_force_host_platform_device_count=1", flags)
+  try:
+    return kinds.run(config, workdir, launcher=launch.Local())
+  finally:
+    if flags is not None:
+      os.environ["XLA_FLAGS"] = flags
+
+
 def _table(workdir):
   with open(workdir / "results.csv") as handle:
     return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(handle)]
@@ -74,7 +89,7 @@ def _table(workdir):
 def test_a_ray_sweep_equals_the_sequential_one_row_for_row_and_runs_trials_at_once(
     cluster, digits_data_dir, tmp_path):
   config = _sweep_config(digits_data_dir)
-  kinds.run(config, tmp_path / "local", launcher=launch.Local())
+  _in_order(config, tmp_path / "local")
   kinds.run(config, tmp_path / "ray", launcher=launch.make("ray", config.trial_resources))
   assert _table(tmp_path / "ray") == _table(tmp_path / "local")
   assert all(row["status"] == "done" for row in _table(tmp_path / "ray"))
@@ -93,7 +108,7 @@ def one_trial_reference(digits_data_dir, tmp_path_factory):
   its config and the trial's result."""
   config = _sweep_config(digits_data_dir, names=("a",), steps=60)
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  kinds.run(config, workdir, launcher=launch.Local())
+  _in_order(config, workdir)
   return config, read_status(trial_dir(workdir, 0, Trial("a", {})))["result"]
 
 
@@ -192,7 +207,7 @@ def test_a_preempted_driver_cancels_queued_trials_lets_the_running_one_save_and_
 
   # Two CPUs, one a trial (each seeing one device, as the local reference): "c" is queued.
   config = _sweep_config(digits_data_dir, names=("a", "b", "c"), steps=40)
-  kinds.run(config, tmp_path / "uninterrupted", launcher=launch.Local())
+  _in_order(config, tmp_path / "uninterrupted")
   first = trial_dir(tmp_path / "ray", 0, Trial("a", {}))
 
   def preempt_once_a_checkpoint_exists():
