@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import signal
 import sys
 import threading
@@ -70,15 +69,17 @@ def _sweep_config(data_dir, names=("a", "b"), steps=6) -> ml_collections.ConfigD
 def _in_order(config, workdir):
   """The sweep in this process, in order, under the XLA_FLAGS that a one-CPU trial's worker
   gets: the step cache's key holds them, so the workers then load the steps compiled here."""
-  flags = os.environ.get("XLA_FLAGS")
-  if flags is not None:
-    os.environ["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+",
-                                     "--xla_force_host_platform_device_count=1", flags)
+  saved = os.environ.get("XLA_FLAGS")
+  worker_flags = launch.make("ray", "CPU=1")._worker_env().get("XLA_FLAGS")
+  if worker_flags is not None:
+    os.environ["XLA_FLAGS"] = worker_flags
   try:
     return kinds.run(config, workdir, launcher=launch.Local())
   finally:
-    if flags is not None:
-      os.environ["XLA_FLAGS"] = flags
+    if saved is None:
+      os.environ.pop("XLA_FLAGS", None)
+    else:
+      os.environ["XLA_FLAGS"] = saved
 
 
 def _table(workdir):
@@ -103,7 +104,7 @@ def test_a_ray_sweep_equals_the_sequential_one_row_for_row_and_runs_trials_at_on
 
 
 @pytest.fixture(scope="module")
-def one_trial_reference(digits_data_dir, tmp_path_factory):
+def one_trial_reference(cluster, digits_data_dir, tmp_path_factory):
   """The 60-step sweep of one trial that the worker tests interrupt, run in order, uninterrupted:
   its config and the trial's result."""
   config = _sweep_config(digits_data_dir, names=("a",), steps=60)
