@@ -35,9 +35,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import pkgutil
+import re
 import warnings
 
 ENV_OPT_OUT = "CNNJAX_XLA_FLAGS"
+# The flag that forces XLA:CPU's host device count: it decides which devices exist, not what
+# a program compiled for some of them computes.
+FORCED_DEVICES = re.compile(r"--xla_force_host_platform_device_count=\d+")
 OPTION = "xla_cpu_experimental_ynn_fusion_type"
 FLAG = f"--{OPTION}=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 

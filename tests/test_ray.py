@@ -66,22 +66,6 @@ def _sweep_config(data_dir, names=("a", "b"), steps=6) -> ml_collections.ConfigD
   return config
 
 
-def _in_order(config, workdir):
-  """The sweep in this process, in order, under the XLA_FLAGS that a one-CPU trial's worker
-  gets: the step cache's key holds them, so the workers then load the steps compiled here."""
-  saved = os.environ.get("XLA_FLAGS")
-  worker_flags = launch.make("ray", "CPU=1")._worker_env().get("XLA_FLAGS")
-  if worker_flags is not None:
-    os.environ["XLA_FLAGS"] = worker_flags
-  try:
-    return kinds.run(config, workdir, launcher=launch.Local())
-  finally:
-    if saved is None:
-      os.environ.pop("XLA_FLAGS", None)
-    else:
-      os.environ["XLA_FLAGS"] = saved
-
-
 def _table(workdir):
   with open(workdir / "results.csv") as handle:
     return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(handle)]
@@ -90,7 +74,7 @@ def _table(workdir):
 def test_a_ray_sweep_equals_the_sequential_one_row_for_row_and_runs_trials_at_once(
     cluster, digits_data_dir, tmp_path):
   config = _sweep_config(digits_data_dir)
-  _in_order(config, tmp_path / "local")
+  kinds.run(config, tmp_path / "local", launcher=launch.Local())
   kinds.run(config, tmp_path / "ray", launcher=launch.make("ray", config.trial_resources))
   assert _table(tmp_path / "ray") == _table(tmp_path / "local")
   assert all(row["status"] == "done" for row in _table(tmp_path / "ray"))
@@ -104,12 +88,12 @@ def test_a_ray_sweep_equals_the_sequential_one_row_for_row_and_runs_trials_at_on
 
 
 @pytest.fixture(scope="module")
-def one_trial_reference(cluster, digits_data_dir, tmp_path_factory):
+def one_trial_reference(digits_data_dir, tmp_path_factory):
   """The 60-step sweep of one trial that the worker tests interrupt, run in order, uninterrupted:
   its config and the trial's result."""
   config = _sweep_config(digits_data_dir, names=("a",), steps=60)
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  _in_order(config, workdir)
+  kinds.run(config, workdir, launcher=launch.Local())
   return config, read_status(trial_dir(workdir, 0, Trial("a", {})))["result"]
 
 
@@ -208,7 +192,7 @@ def test_a_preempted_driver_cancels_queued_trials_lets_the_running_one_save_and_
 
   # Two CPUs, one a trial (each seeing one device, as the local reference): "c" is queued.
   config = _sweep_config(digits_data_dir, names=("a", "b", "c"), steps=40)
-  _in_order(config, tmp_path / "uninterrupted")
+  kinds.run(config, tmp_path / "uninterrupted", launcher=launch.Local())
   first = trial_dir(tmp_path / "ray", 0, Trial("a", {}))
 
   def preempt_once_a_checkpoint_exists():

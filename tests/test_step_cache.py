@@ -93,6 +93,20 @@ def test_the_key_changes_with_everything_the_program_depends_on():
     assert _key(state, batch) != base  # a JAX config value that changes tracing
 
 
+def test_xla_flags_are_in_the_key_but_a_forced_host_device_count_is_not(monkeypatch):
+  """The devices themselves are in the key; the flag that made them exist is not, so a
+  process forced to one device and one forced to two share entries for device 0."""
+  _, _, state, batch = _setup()
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+  base = _key(state, batch)
+  for forced in ("--xla_force_host_platform_device_count=1 --xla_cpu_enable_fast_math=false",
+                 "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=2"):
+    monkeypatch.setenv("XLA_FLAGS", forced)
+    assert _key(state, batch) == base, forced
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")
+  assert _key(state, batch) != base
+
+
 def test_a_corrupt_entry_is_compiled_again_and_replaced(tmp_path, caplog):
   _, train, state, batch = _setup()
   step_cache.load_or_compile(train, (state, batch), description=DESCRIPTION, cache_dir=tmp_path)

@@ -32,12 +32,11 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import socket
 import time
 from collections.abc import Mapping, Sequence
 
-from cnnjax import host_allocator, lease
+from cnnjax import host_allocator, lease, xla_cpu
 
 INSTALL = "pip install 'cnnjax[ray]'"
 MAX_RETRIES = 3
@@ -45,7 +44,6 @@ GRACE_SECONDS = 25.0
 # A trial's share of a fractional GPU's memory: its fraction less this headroom.
 GPU_MEMORY_HEADROOM = 0.9
 CONNECT_TIMEOUT_SECONDS = 30.0
-_FORCED_DEVICES = re.compile(r"--xla_force_host_platform_device_count=\d+")
 
 
 class LaunchError(ValueError):
@@ -135,9 +133,9 @@ class RayLauncher:
            **{k: v for k, v in os.environ.items() if k == host_allocator.ENV_OPT_OUT}}
     env.update(gpu_memory_env(self.resources.get("GPU", 0.0)))
     flags = os.environ.get("XLA_FLAGS", "")
-    if _FORCED_DEVICES.search(flags):  # a trial sees the host devices its CPUs pay for
+    if xla_cpu.FORCED_DEVICES.search(flags):  # a trial sees the host devices its CPUs pay for
       devices = max(1, int(float(self.resources.get("CPU", 1))))
-      env["XLA_FLAGS"] = _FORCED_DEVICES.sub(
+      env["XLA_FLAGS"] = xla_cpu.FORCED_DEVICES.sub(
           f"--xla_force_host_platform_device_count={devices}", flags)
     return env
 

@@ -46,7 +46,7 @@ from jax.experimental import serialize_executable
 from jax.experimental.compilation_cache import compilation_cache
 from jax.extend import backend as jax_backend
 
-from cnnjax import fileio
+from cnnjax import fileio, xla_cpu
 from cnnjax.models import lowering, onednn, tuning
 
 log = logging.getLogger("cnnjax.train")
@@ -105,7 +105,9 @@ def key_material(args: tuple, description: Any, compiler_options: dict) -> dict[
       "lowering": lowering.current_mode(),
       "tuning": tuning.describe(),
       "jax_config": config,
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      # Less a forced host device count: "devices" holds what it decides, so a Ray driver and
+      # its workers, forced to different counts, share entries for the same devices.
+      "xla_flags": " ".join(xla_cpu.FORCED_DEVICES.sub("", os.environ.get("XLA_FLAGS", "")).split()),
       "versions": _versions(),
       "cnnjax_source": source_hash(),
       "devices": {"platform": devices[0].platform, "kind": devices[0].device_kind,
